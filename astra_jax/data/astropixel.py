@@ -1,0 +1,242 @@
+"""The `astropixel` tfds builder: ASTROPIXEL-layout raw folders -> train/validation/test shards.
+
+Raw layout (read through `manual_dir`)::
+
+  RAW/data.csv                                       #plate,mjd,fiberid,specobj_id,ra,dec[,z]
+  RAW/Galaxy_{specobj_id}/images/{specobj_id}_{band}.fits
+  RAW/Galaxy_{specobj_id}/spectrum/spectrum.csv       wavelength,flux
+  RAW/Galaxy_{specobj_id}/spectrum/spec-PPPP-MMMMM-FFFF.fits   (optional SDSS lite file; preferred)
+
+Every raw galaxy is either written to exactly one split (a hash of `specobj_id`, 80/10/10) or
+rejected with a reason; rejections are collected in `Astropixel.rejections` and written by
+`astra_jax.data.prepare` to `rejected.jsonl` beside the dataset.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing
+import os
+from typing import Iterator
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from astra_jax import grid
+from astra_jax.data import fits_io
+from astra_jax.data import preprocess
+
+SPLITS = ("train", "validation", "test")
+RAW_IMAGE_SIZE = 288
+
+
+@dataclasses.dataclass
+class AstropixelConfig(tfds.core.BuilderConfig):
+  """How raw galaxies become examples; one prepared dataset per config.
+
+  Attributes:
+    bands: band letters in the fixed order of the `image` axis 0.
+    image_size: stored image size in pixels; the 288x288 cutouts are mean-binned to it.
+    stretch_beta: asinh softening in units of each band's sky sigma.
+    min_valid_pixels: galaxies with fewer grid pixels of weight > 0 are rejected.
+    max_nonfinite_fraction: images with a larger non-finite fraction are rejected.
+  """
+  bands: tuple[str, ...] = grid.PS1_BANDS
+  image_size: int = RAW_IMAGE_SIZE
+  stretch_beta: float = 2.5
+  min_valid_pixels: int = 500
+  max_nonfinite_fraction: float = 0.5
+
+
+def make_config(bands=grid.PS1_BANDS, image_size=RAW_IMAGE_SIZE, stretch_beta=2.5,
+                min_valid_pixels=500) -> AstropixelConfig:
+  """An `AstropixelConfig` named after its parameters, e.g. `grizy-96px-beta2.5`."""
+  bands = tuple(bands)
+  if RAW_IMAGE_SIZE % image_size:
+    raise ValueError(f"image_size={image_size} must divide the raw cutout size {RAW_IMAGE_SIZE}")
+  name = f"{''.join(bands)}-{image_size}px-beta{stretch_beta:g}-min{min_valid_pixels}"
+  return AstropixelConfig(name=name, bands=bands, image_size=image_size,
+                          stretch_beta=float(stretch_beta), min_valid_pixels=int(min_valid_pixels),
+                          description=f"bands {','.join(bands)}, {image_size}x{image_size} px, "
+                                      f"asinh beta {stretch_beta:g}")
+
+
+# ---------------------------------------------------------------- per-galaxy work
+
+
+def image_example(images: np.ndarray, config: AstropixelConfig, path: str) -> np.ndarray:
+  """Linear-flux cutouts (bands, 288, 288) -> stretched, binned float32 (bands, S, S).
+
+  The one image path shared by preparation and prediction. Raises `fits_io.InputError`.
+  """
+  try:
+    stretched, _ = preprocess.stretch(images, config.stretch_beta,
+                                      max_bad_fraction=config.max_nonfinite_fraction)
+  except preprocess.PreprocessError as e:
+    raise fits_io.InputError(path, e.reason) from None
+  factor = images.shape[-1] // config.image_size
+  if factor > 1:
+    stretched = preprocess.bin_image(stretched, factor)
+  return stretched.astype(np.float32)
+
+
+def galaxy_example(galaxy_dir: str, row: fits_io.CatalogRow, config: AstropixelConfig) -> dict:
+  """One raw galaxy folder -> the feature dict. Raises `fits_io.InputError` with the reason."""
+  galaxy = fits_io.read_galaxy(galaxy_dir, bands=config.bands, row=row,
+                               image_shape=(RAW_IMAGE_SIZE, RAW_IMAGE_SIZE))
+  spectrum = galaxy.spectrum
+  if spectrum is None:
+    raise fits_io.InputError(galaxy_dir, "missing spectrum")
+  flux, weight = preprocess.resample_to_grid(spectrum.wavelength, spectrum.flux,
+                                             ivar=spectrum.ivar, and_mask=spectrum.and_mask)
+  valid = preprocess.count_valid(weight)
+  if valid < config.min_valid_pixels:
+    raise fits_io.InputError(spectrum.path, f"fewer than {config.min_valid_pixels} valid pixels "
+                             f"on the grid ({valid})")
+  z = row.z if row.has_z else spectrum.z
+  has_z = bool(np.isfinite(z))
+  return {
+      "image": image_example(galaxy.images, config, galaxy_dir),
+      "flux": flux.astype(np.float32),
+      "weight": weight.astype(np.float32),
+      "z": np.float32(z if has_z else 0.0),
+      "has_z": has_z,
+      "specobj_id": row.specobj_id,
+      "ra": np.float64(row.ra),
+      "dec": np.float64(row.dec),
+  }
+
+
+def _try_example(args) -> tuple[str, dict | None, dict | None]:
+  """(key, example, None) or (key, None, rejection) for a pool worker."""
+  galaxy_dir, row, config = args
+  try:
+    return row.specobj_id, galaxy_example(galaxy_dir, row, config), None
+  except fits_io.InputError as e:
+    return row.specobj_id, None, rejection(row.specobj_id, e.path, e.reason)
+  except Exception as e:  # pylint: disable=broad-except
+    # One unexpected failure must not kill a run over thousands of galaxies; it is still reported.
+    return row.specobj_id, None, rejection(row.specobj_id, galaxy_dir, f"unexpected error: {e!r}")
+
+
+def rejection(specobj_id: str | None, path: str, reason: str) -> dict:
+  """One line of rejected.jsonl."""
+  return {"specobj_id": specobj_id, "path": path, "reason": reason}
+
+
+# ---------------------------------------------------------------- the raw folder
+
+
+@dataclasses.dataclass
+class RawSurvey:
+  """A raw folder checked against its catalogue: the galaxies to read and those already rejected."""
+  items: list[tuple[str, fits_io.CatalogRow]]   # (galaxy_dir, row), in data.csv order.
+  rejections: list[dict]
+  num_raw: int                                  # Catalogue rows + folders without a row.
+
+
+def scan_raw_dir(raw_dir: str) -> RawSurvey:
+  """Matches data.csv rows with `Galaxy_*` folders; catalogue-level problems become rejections."""
+  catalog_path = os.path.join(raw_dir, "data.csv")
+  if not os.path.isfile(catalog_path):
+    raise fits_io.InputError(catalog_path, "missing data.csv")
+  folders = {name[len("Galaxy_"):]: os.path.join(raw_dir, name)
+             for name in os.listdir(raw_dir)
+             if name.startswith("Galaxy_") and os.path.isdir(os.path.join(raw_dir, name))}
+  items, rejections, seen = [], [], {}
+  rows = fits_io.read_catalog_rows(catalog_path)
+  for line_no, row in enumerate(rows, start=2):
+    if isinstance(row, fits_io.InputError):
+      rejections.append(rejection(None, row.path, row.reason))
+      continue
+    galaxy_dir = folders.get(row.specobj_id)
+    if row.specobj_id in seen:
+      rejections.append(rejection(row.specobj_id, f"{catalog_path}:{line_no}",
+                                  f"duplicate specobj_id (first at line {seen[row.specobj_id]})"))
+    elif galaxy_dir is None:
+      rejections.append(rejection(row.specobj_id, f"{catalog_path}:{line_no}",
+                                  "data.csv row with no galaxy folder"))
+      seen[row.specobj_id] = line_no
+    else:
+      items.append((galaxy_dir, row))
+      seen[row.specobj_id] = line_no
+  for specobj_id in sorted(set(folders) - set(seen)):
+    rejections.append(rejection(specobj_id, folders[specobj_id],
+                                "galaxy folder with no data.csv row"))
+  num_raw = len(rows) + len(set(folders) - set(seen))
+  return RawSurvey(items=items, rejections=rejections, num_raw=num_raw)
+
+
+# ---------------------------------------------------------------- the builder
+
+
+class Astropixel(tfds.core.GeneratorBasedBuilder):
+  """Pan-STARRS1 grizy cutouts paired with SDSS spectra on one observed-frame grid.
+
+  `image` (bands, S, S) float32: asinh-stretched linear flux, asinh(x / (beta * sigma_sky)).
+  `flux` (4000,) float32: 1e-17 erg/s/cm^2/Angstrom on log10(lambda) = 3.58 + 1e-4 i (vacuum,
+  observed frame). `weight` (4000,) float32: ivar (1e-17 erg/s/cm^2/A)^-2 where the source has
+  it, 1 inside the measured range where it has not, 0 outside, masked or non-finite.
+  """
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "First release."}
+  BUILDER_CONFIGS = [make_config(), make_config(image_size=96)]
+  MANUAL_DOWNLOAD_INSTRUCTIONS = (
+      "Point manual_dir (prepare's --raw_dir) at a folder in ASTROPIXEL layout: data.csv and "
+      "Galaxy_{specobj_id}/images/{specobj_id}_{band}.fits with Galaxy_{specobj_id}/spectrum/"
+      "spectrum.csv or an SDSS spec-*.fits.")
+
+  def __init__(self, *args, num_workers: int = 1, **kwargs):
+    self.num_workers = num_workers
+    self.rejections: list[dict] = []
+    self.num_raw = 0
+    super().__init__(*args, **kwargs)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    cfg = self.builder_config
+    size = cfg.image_size
+    return self.dataset_info_from_configs(
+        features=tfds.features.FeaturesDict({
+            "image": tfds.features.Tensor(shape=(len(cfg.bands), size, size), dtype=np.float32,
+                                          doc="asinh-stretched cutouts, bands in config order"),
+            "flux": tfds.features.Tensor(shape=(grid.NUM_PIXELS,), dtype=np.float32,
+                                         doc="1e-17 erg/s/cm^2/Angstrom on the fixed grid"),
+            "weight": tfds.features.Tensor(shape=(grid.NUM_PIXELS,), dtype=np.float32,
+                                           doc="inverse variance, or 1/0 inside/outside range"),
+            "z": tfds.features.Scalar(dtype=np.float32, doc="spectroscopic redshift"),
+            "has_z": tfds.features.Scalar(dtype=np.bool_),
+            "specobj_id": tfds.features.Text(),
+            "ra": tfds.features.Scalar(dtype=np.float64, doc="degrees, ICRS"),
+            "dec": tfds.features.Scalar(dtype=np.float64, doc="degrees, ICRS"),
+        }),
+        metadata=tfds.core.MetadataDict(
+            bands=list(cfg.bands), image_size=size, stretch_beta=cfg.stretch_beta,
+            loglam0=grid.LOGLAM0, dloglam=grid.DLOGLAM, num_pixels=grid.NUM_PIXELS,
+            flux_unit="1e-17 erg/s/cm^2/Angstrom", wavelength="vacuum, observed frame"),
+        homepage="https://www.kaggle.com/datasets/",
+    )
+
+  def _split_generators(self, dl_manager):
+    survey = scan_raw_dir(os.fspath(dl_manager.manual_dir))
+    self.rejections = list(survey.rejections)
+    self.num_raw = survey.num_raw
+    by_split = {s: [] for s in SPLITS}
+    for galaxy_dir, row in survey.items:
+      by_split[preprocess.split_of(row.specobj_id)].append((galaxy_dir, row))
+    return {s: self._generate_examples(by_split[s]) for s in SPLITS}
+
+  def _generate_examples(self, items) -> Iterator[tuple[str, dict]]:
+    jobs = [(galaxy_dir, row, self.builder_config) for galaxy_dir, row in items]
+    if self.num_workers > 1 and len(jobs) > 1:
+      with multiprocessing.get_context("spawn").Pool(self.num_workers) as pool:
+        yield from self._collect(pool.imap(_try_example, jobs, chunksize=4))
+    else:
+      yield from self._collect(map(_try_example, jobs))
+
+  def _collect(self, results) -> Iterator[tuple[str, dict]]:
+    for key, example, rejected in results:
+      if rejected is None:
+        yield key, example
+      else:
+        self.rejections.append(rejected)

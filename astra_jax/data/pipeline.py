@@ -1,0 +1,163 @@
+"""tf.data input pipeline over the prepared `astropixel` shards; numpy batches out.
+
+Training stream. Each host reads every `process_count`-th record of the split (so hosts never
+share an example) and concatenates epochs forever. Epoch `e` shuffles the shard files with a
+stateless seed from (seed, e), then shuffles records with a buffer seeded by (seed, e), and
+augments record `i` of the epoch with a stateless seed from (seed, e, i). The stream is therefore a
+pure function of the seed, and step `k` of the run always sees per-host records
+`[k*b, (k+1)*b)` of it (b = global batch / process count). To resume at step k the pipeline
+starts directly at epoch `k*b // n` (n records per host) and skips the first `k*b % n` records
+of that epoch while they are still serialised bytes: earlier epochs are never read and nothing
+is decoded or augmented twice.
+
+Evaluation batches read a split once in file order, padded to a whole number of global batches
+with examples of weight 0 and `mask` False, so every host runs the same number of steps.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterator
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+try:  # TensorFlow only reads data here; GPUs and TPUs belong to JAX.
+  tf.config.set_visible_devices([], "GPU")
+except RuntimeError:  # Already initialised elsewhere in this process.
+  pass
+
+#: The features a model batch carries (strings and coordinates stay on the host).
+MODEL_KEYS = ("image", "flux", "weight", "z", "has_z")
+_EPOCH_SEED_STRIDE = 1_000_003
+
+
+def load_builder(dataset_dir: str) -> tfds.core.DatasetBuilder:
+  """The prepared dataset in `dataset_dir` (what prepare printed), read-only."""
+  if not os.path.exists(os.path.join(dataset_dir, "dataset_info.json")):
+    raise FileNotFoundError(f"{dataset_dir}: no prepared astropixel dataset (dataset_info.json "
+                            "missing); run python -m astra_jax.data.prepare first")
+  return tfds.builder_from_directory(dataset_dir)
+
+
+def _files(builder, split: str) -> list[str]:
+  files = sorted(os.fspath(p) for p in builder.info.splits[split].filepaths)
+  for path in files:
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"{path}: shard of split {split!r} is missing")
+  return files
+
+
+def _host(process_index, process_count) -> tuple[int, int]:
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    return jax.process_index(), jax.process_count()
+  return process_index, process_count
+
+
+def _decoder(builder, keys):
+  features = builder.info.features
+  def decode(record):
+    example = features.deserialize_example(record)
+    return {k: example[k] for k in keys}
+  return decode
+
+
+def dihedral(image: tf.Tensor, k: tf.Tensor) -> tf.Tensor:
+  """One of the 8 flips/90-degree rotations (k in 0..7) of a (bands, H, W) image."""
+  hwc = tf.transpose(image, (1, 2, 0))
+  hwc = tf.image.rot90(hwc, k=k % 4)
+  hwc = tf.cond(k >= 4, lambda: tf.image.flip_left_right(hwc), lambda: hwc)
+  return tf.transpose(hwc, (2, 0, 1))
+
+
+def per_host_batch(global_batch: int, process_count: int) -> int:
+  if global_batch % process_count:
+    raise ValueError(f"batch_size={global_batch} must be a multiple of the process count "
+                     f"{process_count}")
+  return global_batch // process_count
+
+
+def train_dataset(dataset_dir: str, *, global_batch: int, seed: int, start_step: int = 0,
+                  shuffle_buffer: int = 1024, augment: bool = True, split: str = "train",
+                  process_index: int | None = None, process_count: int | None = None
+                  ) -> tf.data.Dataset:
+  """Infinite per-host batches of MODEL_KEYS from step `start_step` on (see module docstring)."""
+  builder = load_builder(dataset_dir)
+  index, count = _host(process_index, process_count)
+  batch = per_host_batch(global_batch, count)
+  files = tf.constant(_files(builder, split))
+  total = builder.info.splits[split].num_examples
+  n_host = len(range(index, total, count))
+  if n_host == 0:
+    raise ValueError(f"{dataset_dir}: split {split!r} has {total} examples, none for host {index}")
+  decode = _decoder(builder, MODEL_KEYS)
+
+  def epoch(e):
+    file_seed = tf.stack([tf.cast(seed, tf.int64), e])
+    records = tf.data.TFRecordDataset(tf.random.experimental.stateless_shuffle(files, file_seed))
+    records = records.shard(count, index)
+    records = records.shuffle(shuffle_buffer, seed=seed * _EPOCH_SEED_STRIDE + e,
+                              reshuffle_each_iteration=False)
+    return records.enumerate().map(lambda i, r: (e, i, r))
+
+  first_epoch, offset = divmod(start_step * batch, n_host)
+  stream = epoch(tf.constant(first_epoch, tf.int64)).skip(offset).concatenate(
+      tf.data.Dataset.range(first_epoch + 1, 2**62).flat_map(epoch))
+
+  def prepare(e, i, record):
+    example = decode(record)
+    example["has_z"] = tf.cast(example["has_z"], tf.bool)
+    if augment:
+      aug_seed = tf.stack([tf.cast(seed, tf.int64), e * _EPOCH_SEED_STRIDE + i])
+      k = tf.random.stateless_uniform((), aug_seed, maxval=8, dtype=tf.int32)
+      example["image"] = dihedral(example["image"], k)
+    return example
+
+  ds = stream.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = ds.batch(batch, drop_remainder=True, num_parallel_calls=tf.data.AUTOTUNE,
+                deterministic=True)
+  options = tf.data.Options()
+  options.deterministic = True
+  options.threading.private_threadpool_size = max(os.cpu_count() or 1, 2)
+  return ds.with_options(options).prefetch(2)
+
+
+def num_eval_batches(num_examples: int, global_batch: int) -> int:
+  return -(-num_examples // global_batch)
+
+
+def eval_dataset(dataset_dir: str, split: str, *, global_batch: int,
+                 process_index: int | None = None, process_count: int | None = None,
+                 extra_keys=("specobj_id",)) -> tf.data.Dataset:
+  """One pass over `split` in per-host batches with a boolean `mask` (False on padding)."""
+  builder = load_builder(dataset_dir)
+  index, count = _host(process_index, process_count)
+  batch = per_host_batch(global_batch, count)
+  keys = MODEL_KEYS + tuple(extra_keys)
+  decode = _decoder(builder, keys)
+  steps = num_eval_batches(builder.info.splits[split].num_examples, global_batch)
+
+  def real(record):
+    example = decode(record)
+    example["has_z"] = tf.cast(example["has_z"], tf.bool)
+    example["mask"] = tf.constant(True)
+    return example
+
+  records = tf.data.TFRecordDataset(_files(builder, split)).shard(count, index)
+  ds = records.map(real, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  padding = tf.data.Dataset.from_tensors(_padding_example(ds.element_spec)).repeat()
+  ds = ds.concatenate(padding).take(steps * batch).batch(batch)
+  return ds.prefetch(2)
+
+
+def _padding_example(spec) -> dict:
+  """An example that counts nowhere: zeros, weight 0, has_z False, mask False."""
+  return {k: tf.zeros(s.shape, s.dtype) if s.dtype != tf.string else tf.constant(b"")
+          for k, s in spec.items()}
+
+
+def as_numpy(ds: tf.data.Dataset) -> Iterator[dict[str, np.ndarray]]:
+  """Numpy dicts out of a tf.data pipeline."""
+  return ds.as_numpy_iterator()

@@ -1,0 +1,108 @@
+r"""Prepare an ASTROPIXEL-layout raw folder into `astropixel` tfds shards.
+
+  python -m astra_jax.data.prepare --raw_dir RAW --data_dir OUT [--bands g,r,i,z,y] \
+      [--image_size 288] [--stretch_beta 2.5] [--num_workers 2]
+
+Ends with one JSON line:
+  {"written": {"train": n, "validation": n, "test": n}, "rejected": n,
+   "manifest": PATH, "dataset_dir": PATH}
+`dataset_dir` is what `tfds.builder_from_directory` opens; `rejected.jsonl` (one JSON object a
+line: specobj_id, path, reason) and `manifest.jsonl` (every raw galaxy: its split or "rejected")
+sit in it. Rerunning on a prepared dataset reuses it and prints the same line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from absl import app
+from absl import flags
+
+from astra_jax import grid
+
+
+def hide_gpus_from_tensorflow():
+  """TensorFlow only reads data here; the accelerators belong to JAX."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  try:
+    tf.config.set_visible_devices([], "GPU")
+  except RuntimeError:  # Already initialised: then it was hidden before, or is CPU-only.
+    pass
+
+
+def prepare(raw_dir: str, data_dir: str, *, bands=grid.PS1_BANDS, image_size: int = 288,
+            stretch_beta: float = 2.5, min_valid_pixels: int = 500, num_workers: int = 1) -> dict:
+  """Builds (or reuses) the dataset; returns the summary that the CLI prints as JSON."""
+  hide_gpus_from_tensorflow()
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from astra_jax.data import astropixel  # pylint: disable=g-import-not-at-top
+
+  config = astropixel.make_config(bands, image_size, stretch_beta, min_valid_pixels)
+  builder = astropixel.Astropixel(data_dir=os.path.abspath(data_dir), config=config,
+                                  num_workers=num_workers)
+  dataset_dir = os.fspath(builder.data_dir)
+  if not builder.is_prepared():
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        manual_dir=os.path.abspath(raw_dir), try_download_gcs=False))
+    _write_accounts(builder, dataset_dir)
+  return summary(dataset_dir)
+
+
+def _write_accounts(builder, dataset_dir: str):
+  """rejected.jsonl and manifest.jsonl: where every raw galaxy went."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(dataset_dir, "rejected.jsonl"), "w") as f:
+    for r in builder.rejections:
+      f.write(json.dumps(r) + "\n")
+  with open(os.path.join(dataset_dir, "manifest.jsonl"), "w") as f:
+    for split in builder.info.splits:
+      ds = builder.as_dataset(split=split, shuffle_files=False,
+                              decoders={"image": tfds.decode.SkipDecoding(),
+                                        "flux": tfds.decode.SkipDecoding(),
+                                        "weight": tfds.decode.SkipDecoding()})
+      for ex in ds.as_numpy_iterator():
+        f.write(json.dumps({"specobj_id": ex["specobj_id"].decode(), "split": split}) + "\n")
+    for r in builder.rejections:
+      f.write(json.dumps({"specobj_id": r["specobj_id"], "split": "rejected",
+                          "reason": r["reason"]}) + "\n")
+
+
+def summary(dataset_dir: str) -> dict:
+  """The counts of a prepared dataset, read back from its manifest."""
+  manifest = os.path.join(dataset_dir, "manifest.jsonl")
+  if not os.path.exists(manifest):
+    raise FileNotFoundError(f"{manifest}: missing; the preparation of {dataset_dir} did not finish")
+  written = {"train": 0, "validation": 0, "test": 0}
+  rejected = 0
+  with open(manifest) as f:
+    for line in f:
+      split = json.loads(line)["split"]
+      if split == "rejected":
+        rejected += 1
+      else:
+        written[split] += 1
+  return {"written": written, "rejected": rejected,
+          "manifest": manifest, "dataset_dir": dataset_dir}
+
+
+def main(argv):
+  del argv
+  f = flags.FLAGS
+  result = prepare(f.raw_dir, f.data_dir, bands=tuple(f.bands.split(",")),
+                   image_size=f.image_size, stretch_beta=f.stretch_beta,
+                   min_valid_pixels=f.min_valid_pixels, num_workers=f.num_workers)
+  sys.stdout.write(json.dumps(result) + "\n")
+
+
+if __name__ == "__main__":
+  flags.DEFINE_string("raw_dir", None, "ASTROPIXEL-layout folder (data.csv + Galaxy_* folders).")
+  flags.DEFINE_string("data_dir", None, "tfds data_dir to write the shards into.")
+  flags.DEFINE_string("bands", ",".join(grid.PS1_BANDS), "Band order of the image axis.")
+  flags.DEFINE_integer("image_size", 288, "Stored image size; must divide 288 (mean-binned).")
+  flags.DEFINE_float("stretch_beta", 2.5, "asinh softening in units of the sky sigma.")
+  flags.DEFINE_integer("min_valid_pixels", 500, "Reject spectra with fewer valid grid pixels.")
+  flags.DEFINE_integer("num_workers", min(os.cpu_count() or 1, 8), "Reader processes.")
+  flags.mark_flags_as_required(["raw_dir", "data_dir"])
+  app.run(main)

@@ -1,0 +1,168 @@
+"""Metrics of predicted spectra and redshifts, and the evaluation of a model on a split.
+
+Spectra (numpy, shapes (N, 4000)): weighted MSE and R^2 of the normalised spectrum over valid
+pixels, and reduced chi^2 in physical units where `weight` is an inverse variance.
+Redshifts (Pasquet et al. 2019; Hayat et al. 2021): dz = (z_pred - z_true) / (1 + z_true),
+sigma_MAD = 1.4826 median|dz - median(dz)|, outlier fraction eta = mean(|dz| > 0.05),
+bias = median(dz); for the PDF, the PIT values and the CRPS.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import jax
+from jax.experimental import multihost_utils
+import numpy as np
+
+from astra_jax import losses
+
+OUTLIER_DZ = 0.05
+
+
+# ---------------------------------------------------------------- redshift
+
+
+def redshift_metrics(z_pred: np.ndarray, z_true: np.ndarray) -> dict[str, float]:
+  """sigma_MAD, outlier fraction (|dz| > 0.05), bias (median dz) and count; inputs (N,)."""
+  z_pred, z_true = np.asarray(z_pred, np.float64), np.asarray(z_true, np.float64)
+  if z_pred.size == 0:
+    return {"sigma_mad": float("nan"), "outlier_fraction": float("nan"), "bias": float("nan"),
+            "n": 0}
+  dz = (z_pred - z_true) / (1.0 + z_true)
+  median = np.median(dz)
+  return {"sigma_mad": float(1.4826 * np.median(np.abs(dz - median))),
+          "outlier_fraction": float(np.mean(np.abs(dz) > OUTLIER_DZ)),
+          "bias": float(median), "n": int(dz.size)}
+
+
+def _pdf_cdf_at(pdf: np.ndarray, edges: np.ndarray, z: np.ndarray) -> np.ndarray:
+  """CDF of histogram PDFs (N, B) with bin `edges` (B+1,) at z (N,), linear within a bin."""
+  cdf = np.concatenate([np.zeros((pdf.shape[0], 1)), np.cumsum(pdf, axis=1)], axis=1)
+  return np.array([np.interp(zi, edges, ci) for zi, ci in zip(z, cdf)])
+
+
+def pit(pdf: np.ndarray, edges: np.ndarray, z_true: np.ndarray) -> np.ndarray:
+  """Probability integral transform CDF(z_true) of each PDF; uniform if the PDFs are calibrated."""
+  return _pdf_cdf_at(np.asarray(pdf, np.float64), np.asarray(edges, np.float64), z_true)
+
+
+def crps(pdf: np.ndarray, edges: np.ndarray, z_true: np.ndarray) -> np.ndarray:
+  """Continuous ranked probability score (N,) of histogram PDFs (N, B) on `edges` (B+1,).
+
+  CRPS = integral (CDF(z) - H(z - z_true))^2 dz, exact for a CDF linear within each bin.
+  """
+  pdf, edges = np.asarray(pdf, np.float64), np.asarray(edges, np.float64)
+  z_true = np.asarray(z_true, np.float64)
+  out = np.empty(len(z_true))
+  for n, (p, zt) in enumerate(zip(pdf, z_true)):
+    knots = np.unique(np.clip(np.concatenate([edges, [zt]]), edges[0], edges[-1]))
+    cdf = np.interp(knots, edges, np.concatenate([[0.0], np.cumsum(p)]))
+    step = (knots >= zt).astype(np.float64)
+    # On each interval the integrand is a quadratic in z; Simpson's rule is exact for it.
+    f0, f1 = cdf[:-1] - step[:-1], cdf[1:] - step[:-1]
+    mid = 0.5 * (f0 + f1)
+    out[n] = np.sum(np.diff(knots) * (f0**2 + 4 * mid**2 + f1**2) / 6.0)
+    out[n] += max(zt - edges[-1], 0.0) + max(edges[0] - zt, 0.0)  # Truth outside the bins.
+  return out
+
+
+# ---------------------------------------------------------------- spectrum
+
+
+def spectrum_metrics(pred_norm: np.ndarray, flux_norm: np.ndarray, weight: np.ndarray
+                     ) -> dict[str, float]:
+  """Normalised-spectrum metrics over valid pixels (weight > 0); inputs (N, 4000).
+
+  `mse`: mean over galaxies of sum(w r^2) / sum(w), as in the training loss.
+  `r2`: 1 - sum over valid pixels of r^2 / sum of (true - that galaxy's mean)^2, pooled over
+  galaxies; 1 is perfect, 0 is no better than each galaxy's flat mean.
+  """
+  valid = weight > 0
+  keep = valid.any(axis=1)
+  pred_norm, flux_norm, weight, valid = pred_norm[keep], flux_norm[keep], weight[keep], valid[keep]
+  resid2 = (pred_norm - flux_norm) ** 2
+  mse = np.sum(weight * resid2, axis=1) / np.sum(weight, axis=1)
+  mean = np.sum(np.where(valid, flux_norm, 0), axis=1, keepdims=True) / valid.sum(1, keepdims=True)
+  ss_res = np.sum(np.where(valid, resid2, 0))
+  ss_tot = np.sum(np.where(valid, (flux_norm - mean) ** 2, 0))
+  return {"mse": float(np.mean(mse)) if mse.size else float("nan"),
+          "r2": float(1.0 - ss_res / ss_tot) if ss_tot > 0 else float("nan")}
+
+
+def reduced_chi2(pred_flux: np.ndarray, flux: np.ndarray, ivar: np.ndarray) -> float:
+  """sum ivar (pred - flux)^2 / number of pixels with ivar > 0, fluxes in 1e-17 erg/s/cm^2/A."""
+  valid = ivar > 0
+  if not valid.any():
+    return float("nan")
+  return float(np.sum(np.where(valid, ivar * (pred_flux - flux) ** 2, 0)) / valid.sum())
+
+
+def weight_is_ivar(weight: np.ndarray) -> bool:
+  """True unless every valid weight is exactly 1 (ASTROPIXEL CSV spectra carry no ivar)."""
+  valid = weight[weight > 0]
+  return valid.size > 0 and not np.all(valid == 1.0)
+
+
+# ---------------------------------------------------------------- a model on a split
+
+
+def _gather(tree):
+  """Global (sharded) arrays -> numpy on every host."""
+  if jax.process_count() == 1:
+    return jax.tree.map(np.asarray, tree)
+  return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def collect_predictions(eval_step, params, batches: Iterable[dict], mesh, model
+                        ) -> dict[str, np.ndarray]:
+  """Runs `eval_step` over `batches`; returns truth and predictions of the real examples.
+
+  Keys: flux, weight, z, has_z (N, ...) truth; spectrum (N, 4000) normalised prediction, log_norm
+  (N,), pred_flux (N, 4000) in 1e-17 erg/s/cm^2/A, z_pdf (N, B), z_mean, z_mode (N,); and
+  specobj_id when the batches carry it.
+  """
+  from astra_jax import train  # pylint: disable=g-import-not-at-top
+  from astra_jax.data.pipeline import MODEL_KEYS  # pylint: disable=g-import-not-at-top
+  centers = np.asarray(model.z_centers())
+  parts: dict[str, list[np.ndarray]] = {}
+  for batch in batches:
+    host_only = {k: batch[k] for k in batch if k not in MODEL_KEYS}
+    device_batch = train.to_global({k: batch[k] for k in MODEL_KEYS}, mesh)
+    _, outputs = eval_step(params, device_batch)
+    got = _gather({**device_batch, **outputs})
+    if jax.process_count() > 1:
+      host_only = _gather({k: v for k, v in host_only.items() if v.dtype.kind != "S"})
+    for k, v in {**got, **host_only}.items():
+      parts.setdefault(k, []).append(np.asarray(v))
+  out = {k: np.concatenate(v) for k, v in parts.items()}
+  keep = out.pop("mask").astype(bool) if "mask" in out else np.ones(len(out["z"]), bool)
+  out = {k: v[keep] for k, v in out.items()}
+  stats = losses.z_pdf_stats_np(out["z_logits"], centers)
+  out.update(z_pdf=stats["pdf"], z_mean=stats["mean"], z_mode=stats["mode"])
+  out["pred_flux"] = losses.denormalise_np(out["spectrum"], out["log_norm"])
+  return out
+
+
+def scalar_metrics(pred: dict[str, np.ndarray], model) -> dict[str, float]:
+  """Every scalar figure of merit of one model's predictions on one split."""
+  flux_norm, _ = losses.normalise_spectrum_np(pred["flux"], pred["weight"])
+  out = {f"spectrum_{k}": v for k, v in
+         spectrum_metrics(pred["spectrum"], flux_norm, pred["weight"]).items()}
+  if weight_is_ivar(pred["weight"]):
+    out["spectrum_reduced_chi2"] = reduced_chi2(pred["pred_flux"], pred["flux"], pred["weight"])
+  has_z = pred["has_z"].astype(bool)
+  for estimator in ("mean", "mode"):
+    for k, v in redshift_metrics(pred[f"z_{estimator}"][has_z], pred["z"][has_z]).items():
+      out[f"z_{estimator}_{k}"] = v
+  edges = np.asarray(model.z_edges())
+  if has_z.any():
+    out["z_crps"] = float(np.mean(crps(pred["z_pdf"][has_z], edges, pred["z"][has_z])))
+  return out
+
+
+def evaluate_model(model, params, eval_step, batches, mesh, config) -> dict[str, Any]:
+  """Predictions and scalar metrics of `model` on the batches of one split."""
+  del config
+  pred = collect_predictions(eval_step, params, batches, mesh, model)
+  return {"scalars": scalar_metrics(pred, model), "predictions": pred}

@@ -1,0 +1,442 @@
+"""Data-parallel training of ASTRA: one jitted, donated step over every device of every host.
+
+The step is written as per-device code inside `jax.shard_map` over a 1-D `'data'` mesh: the
+batch is split along it, the train state is replicated, and gradients are averaged with an explicit
+`lax.pmean` (pmap-style, hence `check_vma=False`). Each device normalises its loss sums by the
+*mean* per-device count of the global batch, so the pmean of the device losses is exactly the
+loss of the global batch, and N devices give the same update as 1 device.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import signal
+import time
+from typing import Any, Iterator
+
+from absl import logging
+import flax
+import flax.struct
+import jax
+from jax import lax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+
+from astra_jax import losses
+from astra_jax.models import astra as astra_model
+
+DATA_AXIS = "data"
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything that changes during training; a pytree of arrays (Orbax saves it as is)."""
+  step: jax.Array        # int32 scalar: number of updates applied so far.
+  params: Any
+  opt_state: Any
+
+
+# ---------------------------------------------------------------- construction
+
+
+def create_mesh(devices=None) -> Mesh:
+  """A 1-D `'data'` mesh over all devices of all processes (Auto axis type, as pmap had)."""
+  devices = jax.devices() if devices is None else devices
+  return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def make_model(config: ml_collections.ConfigDict) -> astra_model.Astra:
+  """The Flax module described by `config.model` with compute dtype `config.dtype`."""
+  return astra_model.Astra.from_config(config.model, dtype=jnp.dtype(config.dtype))
+
+
+def make_schedule(config) -> optax.Schedule:
+  """Linear warmup to `learning_rate`, then cosine decay to `end_learning_rate_factor` of it."""
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=config.learning_rate,
+      warmup_steps=config.warmup_steps, decay_steps=max(config.num_train_steps, config.warmup_steps + 1),
+      end_value=config.learning_rate * config.end_learning_rate_factor)
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+  """AdamW with global-norm clipping; decay only on matrices/kernels (not biases, norms, tokens)."""
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+  return optax.chain(
+      optax.clip_by_global_norm(config.grad_clip_norm),
+      optax.adamw(make_schedule(config), weight_decay=config.weight_decay, mask=decay_mask))
+
+
+def image_shape(config) -> tuple[int, int, int]:
+  """(bands, H, W) of the model input."""
+  return (len(config.bands.split(",")), config.image_size, config.image_size)
+
+
+def init_state(config, model, tx, mesh: Mesh) -> TrainState:
+  """Initialises the train state directly replicated over `mesh` (no host round trip)."""
+  def init(rng):
+    dummy = jnp.zeros((1, *image_shape(config)), jnp.float32)
+    params = model.init({"params": rng}, dummy, train=False)["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+  replicated = NamedSharding(mesh, P())
+  rng = jax.random.key(config.seed)
+  return jax.jit(init, out_shardings=replicated)(rng)
+
+
+def abstract_state(config, model, tx, mesh: Mesh) -> TrainState:
+  """Shapes, dtypes and shardings of the train state, for restoring without initialising."""
+  shapes = jax.eval_shape(lambda: init_state(config, model, tx, mesh))
+  replicated = NamedSharding(mesh, P())
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), shapes)
+
+
+# ---------------------------------------------------------------- steps
+
+
+def _global_mean_terms(terms: dict[str, tuple[jax.Array, jax.Array]]) -> dict[str, jax.Array]:
+  """Per-device (sum, count) -> sum / mean-count over devices; its pmean is the global mean."""
+  out = {}
+  for name, (total, count) in terms.items():
+    mean_count = lax.pmean(count.astype(jnp.float32), DATA_AXIS)
+    out[name] = total / jnp.maximum(mean_count, 1e-12)
+  return out
+
+
+def make_train_step(config, model, tx, mesh: Mesh):
+  """Returns `train_step(state, batch, rng) -> (state, metrics)`, jitted with the state donated.
+
+  `batch` is a dict of global arrays sharded along `'data'` (`image`, `flux`, `weight`, `z`,
+  `has_z`); `rng` a replicated key. Metrics are replicated scalars: `loss`, its parts, `grad_norm`,
+  `learning_rate` and `finite` (0 when the update was skipped for a non-finite loss or gradient).
+  """
+  schedule = make_schedule(config)
+  z_centers = model.z_centers()
+
+  def per_device(state: TrainState, batch, rng):
+    rng = jax.random.fold_in(jax.random.fold_in(rng, state.step), lax.axis_index(DATA_AXIS))
+
+    def loss_fn(params):
+      outputs = model.apply({"params": params}, batch["image"], train=True, rngs={"dropout": rng})
+      terms = _global_mean_terms(losses.loss_terms(outputs, batch, z_centers))
+      loss = losses.combine(terms, z_weight=config.z_loss_weight, norm_weight=config.norm_loss_weight)
+      return loss, terms
+
+    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grads = lax.pmean(grads, DATA_AXIS)
+    loss, terms = lax.pmean((loss, terms), DATA_AXIS)
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    new = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                     opt_state=opt_state)
+    # A non-finite loss or gradient never reaches the parameters: the old state is kept (the
+    # step counter too) and the host loop raises, naming the step.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
+    metrics = dict(loss=loss, grad_norm=grad_norm, learning_rate=schedule(state.step),
+                   finite=finite.astype(jnp.float32), **{f"loss_{k}": v for k, v in terms.items()})
+    return new, metrics
+
+  step = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(DATA_AXIS), P()),
+                       out_specs=(P(), P()), check_vma=False)
+  return jax.jit(step, donate_argnums=(0,))
+
+
+def make_eval_step(config, model, mesh: Mesh):
+  """Returns `eval_step(params, batch) -> (sums, outputs)`.
+
+  `sums` maps each loss term to replicated global (sum, count); `outputs` are the model outputs,
+  sharded like the batch. Padding examples carry weight 0 and has_z False, so they count nowhere.
+  """
+  z_centers = model.z_centers()
+
+  def per_device(params, batch):
+    outputs = model.apply({"params": params}, batch["image"], train=False)
+    terms = losses.loss_terms(outputs, batch, z_centers)
+    sums = {k: (lax.psum(s, DATA_AXIS), lax.psum(c.astype(jnp.float32), DATA_AXIS))
+            for k, (s, c) in terms.items()}
+    return sums, outputs
+
+  step = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(DATA_AXIS)),
+                       out_specs=(P(), P(DATA_AXIS)), check_vma=False)
+  return jax.jit(step)
+
+
+def to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """This host's slice of the batch -> global arrays sharded along `'data'`."""
+  sharding = NamedSharding(mesh, P(DATA_AXIS))
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def checkpoint_managers(workdir: str, config) -> tuple[ocp.CheckpointManager, ocp.CheckpointManager]:
+  """(latest, best): the latest `max_to_keep` checkpoints, and the best one by validation loss."""
+  latest = ocp.CheckpointManager(
+      os.path.join(os.path.abspath(workdir), "checkpoints"),
+      options=ocp.CheckpointManagerOptions(max_to_keep=config.max_to_keep, create=True))
+  best = ocp.CheckpointManager(
+      os.path.join(os.path.abspath(workdir), "best"),
+      options=ocp.CheckpointManagerOptions(max_to_keep=1, best_fn=lambda m: m["val_loss"],
+                                           best_mode="min", create=True))
+  return latest, best
+
+
+def restore_or_init(manager: ocp.CheckpointManager, config, model, tx, mesh) -> TrainState:
+  """The latest complete checkpoint in `manager`, or a fresh state."""
+  step = manager.latest_step()
+  if step is None:
+    return init_state(config, model, tx, mesh)
+  logging.info("Resuming from checkpoint at step %d in %s", step, manager.directory)
+  target = abstract_state(config, model, tx, mesh)
+  return manager.restore(step, args=ocp.args.StandardRestore(target))
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+def evaluate_split(eval_step, params, batches: Iterator[dict], mesh) -> dict[str, float]:
+  """Mean loss terms over a whole split (padding excluded), as Python floats."""
+  totals: dict[str, list[float]] = {}
+  for batch in batches:
+    sums, _ = eval_step(params, to_global(batch, mesh))
+    for name, (s, c) in jax.device_get(sums).items():
+      acc = totals.setdefault(name, [0.0, 0.0])
+      acc[0] += float(s)
+      acc[1] += float(c)
+  return {name: s / max(c, 1e-12) for name, (s, c) in totals.items()}
+
+
+# ---------------------------------------------------------------- data
+
+
+def ensure_dataset(config, workdir: str) -> str:
+  """The prepared dataset directory for `config`, preparing (and mocking) it when needed.
+
+  `config.data_dir` may be a dataset directory (as prepare printed it) or a tfds data_dir holding
+  the `astropixel` config that matches `bands`, `image_size` and `stretch_beta`. With neither
+  `data_dir` nor `raw_dir` set, the default mock survey (`num_galaxies`, `mock_seed`) is generated
+  and prepared once, cached beside the workdir.
+  """
+  from astra_jax.data import prepare as prepare_lib  # pylint: disable=g-import-not-at-top
+  if config.data_dir and os.path.exists(os.path.join(config.data_dir, "dataset_info.json")):
+    return config.data_dir
+  bands = tuple(config.bands.split(","))
+  kwargs = dict(bands=bands, image_size=config.image_size, stretch_beta=config.stretch_beta,
+                num_workers=min(os.cpu_count() or 1, 8))
+  raw_dir, data_dir = config.raw_dir, config.data_dir
+  if not raw_dir:
+    cache = config.mock_cache_dir or os.path.join(
+        os.path.dirname(os.path.abspath(workdir)), "_mock_cache")
+    raw_dir = os.path.join(cache, f"mock-n{config.num_galaxies}-seed{config.mock_seed}")
+    data_dir = data_dir or os.path.join(cache, "tfds")
+    if not os.path.exists(os.path.join(raw_dir, "data.csv")):
+      from astra_jax.data import mock  # pylint: disable=g-import-not-at-top
+      logging.info("Generating the default mock survey (%d galaxies) in %s",
+                   config.num_galaxies, raw_dir)
+      mock.generate_survey(raw_dir, config.num_galaxies, config.mock_seed, progress=True)
+  elif not data_dir:
+    data_dir = os.path.join(os.path.dirname(os.path.abspath(workdir)), "_tfds")
+  summary = prepare_lib.prepare(raw_dir, data_dir, **kwargs)
+  logging.info("Dataset %s: %s", summary["dataset_dir"], json.dumps(summary))
+  return summary["dataset_dir"]
+
+
+def check_dataset(config, dataset_dir: str):
+  """The dataset's stored preprocessing must be the one the config asks for."""
+  from astra_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  meta = pipeline.load_builder(dataset_dir).info.metadata or {}
+  want = dict(bands=config.bands.split(","), image_size=config.image_size,
+              stretch_beta=config.stretch_beta)
+  for key, value in want.items():
+    if key in meta and meta[key] != value:
+      raise ValueError(f"{dataset_dir}: prepared with {key}={meta[key]!r} but config.{key} is "
+                       f"{value!r}")
+
+
+# ---------------------------------------------------------------- config checks
+
+
+def validate_config(config):
+  """Raises ValueError naming the field and its allowed values."""
+  def check(ok, field, allowed):
+    if not ok:
+      raise ValueError(f"config.{field}={config_get(config, field)!r} is invalid: {allowed}")
+  check(config.dtype in ("float32", "bfloat16"), "dtype", "one of 'float32', 'bfloat16'")
+  check(config.rng_impl in ("threefry2x32", "rbg", "unsafe_rbg"), "rng_impl",
+        "one of 'threefry2x32', 'rbg', 'unsafe_rbg'")
+  check(config.batch_size > 0 and config.batch_size % jax.device_count() == 0, "batch_size",
+        f"a positive multiple of the device count {jax.device_count()}")
+  check(config.num_train_steps >= 0, "num_train_steps", "an integer >= 0")
+  check(config.learning_rate > 0, "learning_rate", "a float > 0")
+  check(0 <= config.warmup_steps, "warmup_steps", "an integer >= 0")
+  check(config.image_size > 0 and 288 % config.image_size == 0, "image_size",
+        "a divisor of 288 (e.g. 288, 144, 96, 72, 48, 32)")
+  check(config.image_size % config.model.patch_size == 0, "model.patch_size",
+        f"a divisor of image_size={config.image_size}")
+  check(config.model.dim % config.model.num_heads == 0, "model.num_heads",
+        f"a divisor of model.dim={config.model.dim}")
+  check(config.eval_every_steps > 0, "eval_every_steps", "an integer > 0")
+  check(config.checkpoint_every_steps > 0, "checkpoint_every_steps", "an integer > 0")
+  bands = config.bands.split(",")
+  check(len(bands) == len(set(bands)) and all(len(b) == 1 for b in bands), "bands",
+        "distinct band letters separated by commas, e.g. 'g,r,i,z,y'")
+
+
+def config_get(config, dotted: str):
+  for part in dotted.split("."):
+    config = config[part]
+  return config
+
+
+# ---------------------------------------------------------------- the loop
+
+
+class MetricWriter:
+  """metrics.jsonl plus TensorBoard event files; silent on every process but 0."""
+
+  def __init__(self, workdir: str):
+    self.active = jax.process_index() == 0
+    if self.active:
+      import tensorflow as tf  # pylint: disable=g-import-not-at-top
+      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      self._tb = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+
+  def write(self, step: int, split: str, metrics: dict[str, float]):
+    if not self.active:
+      return
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    self._jsonl.write(json.dumps({"step": int(step), "split": split,
+                                  **{k: float(v) for k, v in metrics.items()}}) + "\n")
+    self._jsonl.flush()
+    with self._tb.as_default(step=int(step)):
+      for k, v in metrics.items():
+        tf.summary.scalar(f"{split}/{k}", float(v))
+    self._tb.flush()
+
+  def close(self):
+    if self.active:
+      self._jsonl.close()
+      self._tb.close()
+
+
+def write_config(config, workdir: str):
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains ASTRA on `config`'s data, resuming from `workdir`; returns the test-split results."""
+  from astra_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from astra_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+
+  validate_config(config)
+  os.makedirs(workdir, exist_ok=True)
+  dataset_dir = ensure_dataset(config, workdir)
+  check_dataset(config, dataset_dir)
+  with config.unlocked():
+    config.data_dir = dataset_dir
+  write_config(config, workdir)
+
+  mesh = create_mesh()
+  model, tx = make_model(config), make_optimizer(config)
+  latest, best = checkpoint_managers(workdir, config)
+  state = restore_or_init(latest, config, model, tx, mesh)
+  start = int(jax.device_get(state.step))
+  train_step = make_train_step(config, model, tx, mesh)
+  eval_step = make_eval_step(config, model, mesh)
+  rng = jax.device_put(jax.random.key(config.seed, impl=config.rng_impl),
+                       NamedSharding(mesh, P()))
+  writer = MetricWriter(workdir)
+  eval_batches = lambda split: pipeline.as_numpy(pipeline.eval_dataset(
+      dataset_dir, split, global_batch=config.batch_size, extra_keys=()))
+  train_iter = pipeline.as_numpy(pipeline.train_dataset(
+      dataset_dir, global_batch=config.batch_size, seed=config.seed, start_step=start,
+      shuffle_buffer=config.shuffle_buffer, augment=config.augment))
+
+  stop = {"signal": None}
+  previous = signal.signal(signal.SIGTERM, lambda signum, _: stop.update(signal=signum))
+  bar = tqdm(total=config.num_train_steps, initial=start, desc="train", unit="step",
+             disable=jax.process_index() != 0, dynamic_ncols=True)
+  pending, t0, n0 = None, time.perf_counter(), start
+  try:
+    for step in range(start, config.num_train_steps):
+      batch = to_global({k: v for k, v in next(train_iter).items()}, mesh)
+      state, metrics = train_step(state, batch, rng)
+      # Metrics are read one step late so the host never waits on the device it just fed.
+      if pending is not None:
+        _check_and_log(*pending, writer, bar, config)
+      pending = (step, metrics)
+      done = step + 1
+      bar.update(1)
+      if done % config.log_every_steps == 0:
+        rate = (done - n0) * config.batch_size / (time.perf_counter() - t0)
+        bar.set_postfix(samples_per_s=f"{rate:.1f}")
+      if done % config.eval_every_steps == 0 or done == config.num_train_steps:
+        _check_and_log(*pending, writer, bar, config)
+        pending = None
+        val = evaluate_split(eval_step, state.params, eval_batches("validation"), mesh)
+        val_loss = losses.combine(val, z_weight=config.z_loss_weight,
+                                  norm_weight=config.norm_loss_weight)
+        writer.write(done, "validation", {"loss": val_loss, **val})
+        best.save(done, args=ocp.args.StandardSave(state.params), metrics={"val_loss": val_loss})
+      if done % config.checkpoint_every_steps == 0 or done == config.num_train_steps:
+        latest.save(done, args=ocp.args.StandardSave(state))
+      if stop["signal"] is not None:
+        logging.warning("Signal %d received: checkpointing step %d and exiting", stop["signal"],
+                        done)
+        latest.save(done, args=ocp.args.StandardSave(state), force=True)
+        break
+    if pending is not None:
+      _check_and_log(*pending, writer, bar, config)
+  finally:
+    bar.close()
+    latest.wait_until_finished()
+    best.wait_until_finished()
+    signal.signal(signal.SIGTERM, previous)
+  if stop["signal"] is not None:
+    writer.close()
+    raise SystemExit(128 + stop["signal"])
+
+  results = evaluate.evaluate_model(model, state.params, eval_step, eval_batches("test"), mesh,
+                                    config)
+  writer.write(config.num_train_steps, "test", results["scalars"])
+  writer.close()
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "test_metrics.json"), "w") as f:
+      json.dump(results["scalars"], f, indent=2, sort_keys=True)
+  latest.close()
+  best.close()
+  return results
+
+
+def _check_and_log(step: int, metrics, writer: MetricWriter, bar, config):
+  """Raises on a non-finite step (its update was skipped); logs every `log_every_steps`."""
+  done = step + 1
+  if done % config.log_every_steps and done != config.num_train_steps:
+    finite = bool(jax.device_get(metrics["finite"]))
+    if finite:
+      return
+  values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+  if not values["finite"]:
+    raise FloatingPointError(
+        f"non-finite loss or gradient at step {done} (loss={values['loss']}, "
+        f"grad_norm={values['grad_norm']}); the update was not applied and the last checkpoint "
+        "holds the previous parameters")
+  writer.write(done, "train", values)
+  bar.set_postfix(loss=f"{values['loss']:.4f}", refresh=False)
+
+
+def format_results(scalars: dict[str, float]) -> str:
+  """A readable block of the test-split metrics."""
+  lines = ["Test-split metrics:"]
+  for k in sorted(scalars):
+    lines.append(f"  {k:<32s} {scalars[k]:.5g}")
+  return "\n".join(lines)

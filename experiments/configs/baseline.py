@@ -1,0 +1,104 @@
+r"""ASTRA baseline: images -> (spectrum, redshift PDF).
+
+Variants (`--config=experiments/configs/baseline.py:VARIANT`):
+  small  sized to learn something real on a 2-core CPU in about ten minutes.
+  seed   the seed's size (dim 1280, 6 layers, 8 heads, decoder 1280->2048->4000), for GPU/TPU.
+  tiny   a few seconds end to end; used by the tests.
+With no variant, `small` is picked on CPU and `seed` on an accelerator (and the choice is logged).
+
+  python -m experiments.baseline --workdir=runs/baseline \
+      --config=experiments/configs/baseline.py:small --config.batch_size=32
+"""
+
+import ml_collections
+
+VARIANTS = ("small", "seed", "tiny")
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """Returns the config of `arg` in VARIANTS; None picks by the default JAX backend."""
+  if arg is None or arg == "":
+    arg = "auto"
+  if arg == "auto":
+    import jax  # Imported lazily so that reading a config never initialises a backend.
+    arg = "small" if jax.default_backend() == "cpu" else "seed"
+  if arg not in VARIANTS:
+    raise ValueError(f"config variant {arg!r} is not one of {VARIANTS}")
+
+  c = ml_collections.ConfigDict()
+  c.variant = arg
+
+  # Data. An empty data_dir means: generate the default mock survey and prepare it.
+  c.data_dir = ""           # Folder holding the prepared `astropixel` dataset (prepare's dataset_dir).
+  c.raw_dir = ""            # ASTROPIXEL-layout raw folder; prepared into data_dir when given.
+  c.mock_cache_dir = ""     # Where the default mock survey goes; "" -> the workdir's parent/_mock_cache.
+  c.num_galaxies = 2000     # Size of the default mock survey.
+  c.mock_seed = 0
+  c.bands = "g,r,i,z,y"     # Fixed band order of the images.
+  c.stretch_beta = 2.5      # asinh stretch softening, in units of the sky noise sigma.
+  c.image_size = 96         # Model input size in pixels; the 288x288 cutouts are mean-binned to it.
+  c.shuffle_buffer = 1024
+  c.augment = True          # The 8 flips/90-degree rotations of the image; the spectrum is unchanged.
+
+  # Optimisation.
+  c.seed = 0
+  c.batch_size = 32         # Global, over all devices of all hosts.
+  c.num_train_steps = 1500
+  c.learning_rate = 1e-3
+  c.warmup_steps = 100
+  c.end_learning_rate_factor = 0.02
+  c.weight_decay = 1e-4
+  c.grad_clip_norm = 1.0
+  c.z_loss_weight = 0.2     # lambda in  loss = spectrum MSE + lambda_norm * norm + lambda * z cross-entropy.
+  c.norm_loss_weight = 1.0
+  c.dtype = "float32"       # Compute dtype: float32 or bfloat16 (params stay float32).
+  c.rng_impl = "threefry2x32"
+
+  # Bookkeeping.
+  c.log_every_steps = 25
+  c.eval_every_steps = 250
+  c.checkpoint_every_steps = 250
+  c.max_to_keep = 2
+
+  c.model = ml_collections.ConfigDict()
+  c.model.patch_size = 8
+  c.model.patch_embedding = "conv2d"
+  c.model.dim = 128
+  c.model.num_layers = 3
+  c.model.num_heads = 4
+  c.model.mlp_ratio = 4
+  c.model.dropout = 0.1
+  c.model.decoder_hidden = 512
+  c.model.num_z_bins = 180
+  c.model.z_max = 0.6
+
+  if arg == "seed":
+    c.image_size = 288
+    c.batch_size = 64
+    c.num_train_steps = 20000
+    c.learning_rate = 1e-4
+    c.warmup_steps = 1000
+    c.eval_every_steps = 1000
+    c.checkpoint_every_steps = 1000
+    c.dtype = "bfloat16"
+    c.model.patch_size = 16
+    c.model.dim = 1280
+    c.model.num_layers = 6
+    c.model.num_heads = 8
+    c.model.decoder_hidden = 2048
+  elif arg == "tiny":
+    c.num_galaxies = 16
+    c.image_size = 32
+    c.batch_size = 8
+    c.shuffle_buffer = 16
+    c.num_train_steps = 4
+    c.warmup_steps = 1
+    c.log_every_steps = 1
+    c.eval_every_steps = 2
+    c.checkpoint_every_steps = 2
+    c.model.dim = 32
+    c.model.num_layers = 1
+    c.model.num_heads = 2
+    c.model.decoder_hidden = 64
+    c.model.num_z_bins = 30
+  return c

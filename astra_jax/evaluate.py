@@ -16,6 +16,8 @@ from jax.experimental import multihost_utils
 import numpy as np
 
 from astra_jax import losses
+from astra_jax.data import MODEL_KEYS
+from astra_jax.models import astra as astra_model
 
 OUTLIER_DZ = 0.05
 
@@ -123,7 +125,6 @@ def collect_predictions(eval_step, params, batches: Iterable[dict], mesh, model
   specobj_id when the batches carry it.
   """
   from astra_jax import train  # pylint: disable=g-import-not-at-top
-  from astra_jax.data.pipeline import MODEL_KEYS  # pylint: disable=g-import-not-at-top
   centers = np.asarray(model.z_centers())
   parts: dict[str, list[np.ndarray]] = {}
   for batch in batches:
@@ -138,15 +139,15 @@ def collect_predictions(eval_step, params, batches: Iterable[dict], mesh, model
   out = {k: np.concatenate(v) for k, v in parts.items()}
   keep = out.pop("mask").astype(bool) if "mask" in out else np.ones(len(out["z"]), bool)
   out = {k: v[keep] for k, v in out.items()}
-  stats = losses.z_pdf_stats_np(out["z_logits"], centers)
+  stats = jax.device_get(astra_model.z_pdf_stats(out["z_logits"], centers))
   out.update(z_pdf=stats["pdf"], z_mean=stats["mean"], z_mode=stats["mode"])
-  out["pred_flux"] = losses.denormalise_np(out["spectrum"], out["log_norm"])
+  out["pred_flux"] = np.asarray(losses.denormalise(out["spectrum"], out["log_norm"]))
   return out
 
 
 def scalar_metrics(pred: dict[str, np.ndarray], model) -> dict[str, float]:
   """Every scalar figure of merit of one model's predictions on one split."""
-  flux_norm, _ = losses.normalise_spectrum_np(pred["flux"], pred["weight"])
+  flux_norm = np.asarray(losses.normalise_spectrum(pred["flux"], pred["weight"])[0])
   out = {f"spectrum_{k}": v for k, v in
          spectrum_metrics(pred["spectrum"], flux_norm, pred["weight"]).items()}
   if weight_is_ivar(pred["weight"]):
@@ -155,7 +156,7 @@ def scalar_metrics(pred: dict[str, np.ndarray], model) -> dict[str, float]:
   for estimator in ("mean", "mode"):
     for k, v in redshift_metrics(pred[f"z_{estimator}"][has_z], pred["z"][has_z]).items():
       out[f"z_{estimator}_{k}"] = v
-  edges = np.asarray(model.z_edges())
+  edges = np.linspace(0.0, model.z_max, model.num_z_bins + 1)
   if has_z.any():
     out["z_crps"] = float(np.mean(crps(pred["z_pdf"][has_z], edges, pred["z"][has_z])))
   return out

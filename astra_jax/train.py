@@ -2,9 +2,10 @@
 
 The step is written as per-device code inside `jax.shard_map` over a 1-D `'data'` mesh: the
 batch is split along it, the train state is replicated, and gradients are averaged with an explicit
-`lax.pmean` (pmap-style, hence `check_vma=False`). Each device normalises its loss sums by the
-*mean* per-device count of the global batch, so the pmean of the device losses is exactly the
-loss of the global batch, and N devices give the same update as 1 device.
+`lax.pmean` (pmap-style, hence `check_vma=False`: with the default `check_vma=True`, `jax.grad`
+with respect to replicated params already sums over `'data'`). Each device scales its loss sums by
+the global example counts (`losses.total_loss(axis_name=...)`), so the pmean of the device losses
+is exactly the loss of the global batch and N devices give the same update as 1 device.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import optax
 import orbax.checkpoint as ocp
 
 from astra_jax import losses
+from astra_jax.data import MODEL_KEYS
 from astra_jax.models import astra as astra_model
 
 DATA_AXIS = "data"
@@ -98,15 +100,6 @@ def abstract_state(config, model, tx, mesh: Mesh) -> TrainState:
 # ---------------------------------------------------------------- steps
 
 
-def _global_mean_terms(terms: dict[str, tuple[jax.Array, jax.Array]]) -> dict[str, jax.Array]:
-  """Per-device (sum, count) -> sum / mean-count over devices; its pmean is the global mean."""
-  out = {}
-  for name, (total, count) in terms.items():
-    mean_count = lax.pmean(count.astype(jnp.float32), DATA_AXIS)
-    out[name] = total / jnp.maximum(mean_count, 1e-12)
-  return out
-
-
 def make_train_step(config, model, tx, mesh: Mesh):
   """Returns `train_step(state, batch, rng) -> (state, metrics)`, jitted with the state donated.
 
@@ -122,14 +115,16 @@ def make_train_step(config, model, tx, mesh: Mesh):
 
     def loss_fn(params):
       outputs = model.apply({"params": params}, batch["image"], train=True, rngs={"dropout": rng})
-      terms = _global_mean_terms(losses.loss_terms(outputs, batch, z_centers))
-      loss = losses.combine(terms, z_weight=config.z_loss_weight, norm_weight=config.norm_loss_weight)
-      return loss, terms
+      # This device's share: num_devices * local sum / global count, so that the pmean of the
+      # device losses (and of their gradients) is the loss of the whole global batch.
+      return losses.total_loss(outputs, batch, z_weight=config.z_loss_weight,
+                               norm_weight=config.norm_loss_weight, z_centers=z_centers,
+                               axis_name=DATA_AXIS)
 
     (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     grads = lax.pmean(grads, DATA_AXIS)
-    loss, terms = lax.pmean((loss, terms), DATA_AXIS)
-    grad_norm = optax.global_norm(grads)
+    loss = lax.pmean(loss, DATA_AXIS)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     new = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                      opt_state=opt_state)
@@ -156,9 +151,8 @@ def make_eval_step(config, model, mesh: Mesh):
 
   def per_device(params, batch):
     outputs = model.apply({"params": params}, batch["image"], train=False)
-    terms = losses.loss_terms(outputs, batch, z_centers)
-    sums = {k: (lax.psum(s, DATA_AXIS), lax.psum(c.astype(jnp.float32), DATA_AXIS))
-            for k, (s, c) in terms.items()}
+    terms = losses.loss_terms(outputs, batch, z_centers=z_centers)
+    sums = {k: (lax.psum(s, DATA_AXIS), lax.psum(c, DATA_AXIS)) for k, (s, c) in terms.items()}
     return sums, outputs
 
   step = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(DATA_AXIS)),
@@ -200,16 +194,17 @@ def restore_or_init(manager: ocp.CheckpointManager, config, model, tx, mesh) -> 
 # ---------------------------------------------------------------- evaluation
 
 
-def evaluate_split(eval_step, params, batches: Iterator[dict], mesh) -> dict[str, float]:
-  """Mean loss terms over a whole split (padding excluded), as Python floats."""
-  totals: dict[str, list[float]] = {}
+def evaluate_split(eval_step, params, batches: Iterator[dict], mesh, config) -> dict[str, float]:
+  """The loss and its parts over a whole split (padding excluded), as Python floats."""
+  totals: dict[str, tuple[float, float]] = {}
   for batch in batches:
-    sums, _ = eval_step(params, to_global(batch, mesh))
+    sums, _ = eval_step(params, to_global({k: batch[k] for k in MODEL_KEYS}, mesh))
     for name, (s, c) in jax.device_get(sums).items():
-      acc = totals.setdefault(name, [0.0, 0.0])
-      acc[0] += float(s)
-      acc[1] += float(c)
-  return {name: s / max(c, 1e-12) for name, (s, c) in totals.items()}
+      total, count = totals.get(name, (0.0, 0.0))
+      totals[name] = (total + float(s), count + float(c))
+  loss, parts = losses.combine_terms(totals, z_weight=config.z_loss_weight,
+                                     norm_weight=config.norm_loss_weight)
+  return {"loss": float(loss), **{k: float(v) for k, v in parts.items()}}
 
 
 # ---------------------------------------------------------------- data
@@ -382,11 +377,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if done % config.eval_every_steps == 0 or done == config.num_train_steps:
         _check_and_log(*pending, writer, bar, config)
         pending = None
-        val = evaluate_split(eval_step, state.params, eval_batches("validation"), mesh)
-        val_loss = losses.combine(val, z_weight=config.z_loss_weight,
-                                  norm_weight=config.norm_loss_weight)
-        writer.write(done, "validation", {"loss": val_loss, **val})
-        best.save(done, args=ocp.args.StandardSave(state.params), metrics={"val_loss": val_loss})
+        val = evaluate_split(eval_step, state.params, eval_batches("validation"), mesh, config)
+        writer.write(done, "validation", val)
+        best.save(done, args=ocp.args.StandardSave(state.params), metrics={"val_loss": val["loss"]})
       if done % config.checkpoint_every_steps == 0 or done == config.num_train_steps:
         latest.save(done, args=ocp.args.StandardSave(state))
       if stop["signal"] is not None:

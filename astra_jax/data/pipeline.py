@@ -28,8 +28,7 @@ try:  # TensorFlow only reads data here; GPUs and TPUs belong to JAX.
 except RuntimeError:  # Already initialised elsewhere in this process.
   pass
 
-#: The features a model batch carries (strings and coordinates stay on the host).
-MODEL_KEYS = ("image", "flux", "weight", "z", "has_z")
+from astra_jax.data import MODEL_KEYS
 _EPOCH_SEED_STRIDE = 1_000_003
 
 

@@ -1,0 +1,284 @@
+"""Tests of astra_jax.data.preprocess (pure numpy)."""
+
+import pickle
+
+import numpy as np
+import pytest
+
+from astra_jax import grid
+from astra_jax.data import preprocess as pp
+
+
+def noisy_image(sigma=3.0, shape=(288, 288), seed=0, source=True):
+  """Gaussian sky noise + (optionally) a bright extended source and hot pixels."""
+  rng = np.random.default_rng(seed)
+  image = rng.normal(0.0, sigma, shape)
+  if source:
+    y, x = np.mgrid[:shape[0], :shape[1]]
+    image += 1000 * sigma * np.exp(-((x - 140) ** 2 + (y - 150) ** 2) / (2 * 15.0 ** 2))
+    image[rng.integers(0, shape[0], 50), rng.integers(0, shape[1], 50)] = 1e4 * sigma
+  return image.astype(np.float32)
+
+
+# --------------------------------------------------------------------------- images
+
+
+@pytest.mark.parametrize("sigma, shape", [(3.0, (288, 288)), (0.02, (288, 288)), (1.0, (64, 48))])
+def test_sky_sigma_recovers_noise_under_source(sigma, shape):
+  image = noisy_image(sigma, shape)
+  assert pp.sky_sigma(image) == pytest.approx(sigma, rel=0.05)
+  level, s = pp.sky_stats(image + np.float32(7 * sigma))
+  assert level == pytest.approx(7 * sigma, abs=0.1 * sigma) and s == pytest.approx(sigma, rel=0.05)
+  assert pp.sky_sigma(image) == pp.sky_sigma(image.copy())  # deterministic subsample
+
+
+@pytest.mark.parametrize("sigma, shape", [(3.0, (288, 288)), (1.0, (64, 47))])
+def test_sky_sigma_difference_method(sigma, shape):
+  image = noisy_image(sigma, shape, seed=4)
+  assert pp.sky_sigma(image, method="difference") == pytest.approx(sigma, rel=0.05)
+  with pytest.raises(ValueError):
+    pp.sky_sigma(image, method="mad")
+
+
+def test_sky_sigma_difference_method_under_extended_light():
+  # A galaxy filling the cutout (exponential disk, scale 40 px, 20 sigma at the centre).
+  y, x = np.mgrid[:288, :288]
+  disk = 20.0 * np.exp(-np.hypot(x - 144, y - 144) / 40.0)
+  image = (np.random.default_rng(5).normal(0, 1.0, (288, 288)) + disk).astype(np.float32)
+  assert pp.sky_sigma(image, method="difference") == pytest.approx(1.0, rel=0.05)
+  _, info = pp.stretch(image[None], 1.0, sigma_method="difference")
+  assert info["sky_sigma"][0] == pp.sky_sigma(image, method="difference")
+
+
+def test_sky_sigma_ignores_nonfinite_and_empty():
+  image = noisy_image(2.0)
+  image[:100] = np.nan
+  image[150:, ::7] = np.inf
+  for method in pp.SIGMA_METHODS:
+    assert pp.sky_sigma(image, method=method) == pytest.approx(2.0, rel=0.05)
+    assert np.isnan(pp.sky_sigma(np.full((8, 8), np.nan, np.float32), method=method))
+
+
+def test_clean_nonfinite():
+  image = np.arange(12, dtype=np.float32).reshape(3, 4)
+  image[0, 1], image[1, 2], image[2, 3] = np.nan, np.inf, -np.inf
+  cleaned, n_bad = pp.clean_nonfinite(image)
+  assert n_bad == 3 and cleaned.dtype == np.float32
+  assert cleaned[0, 1] == cleaned[1, 2] == cleaned[2, 3] == 0
+  assert np.isnan(image[0, 1])  # input untouched
+  np.testing.assert_array_equal(cleaned[np.isfinite(image)], image[np.isfinite(image)])
+
+
+def test_asinh_matches_numpy():
+  x = np.concatenate([np.float32([0, -0.0, 1e-30, -1e-8, 1e-4, 0.5, 1e10, -3e38, 3.4e38, 1e19]),
+                      np.logspace(-6, 38, 20000).astype(np.float32),
+                      -np.logspace(-6, 3, 20000).astype(np.float32)])
+  ref = np.arcsinh(x.astype(np.float64))
+  got = pp.asinh(x)
+  assert got.dtype == np.float32
+  np.testing.assert_allclose(got, ref, rtol=5e-7, atol=3e-7)
+
+
+def test_stretch_formula_and_info():
+  images = np.stack([noisy_image(1.0, seed=1), noisy_image(5.0, seed=2)])
+  images[1, 3, 4] = np.nan
+  images[1, 5, 6] = np.inf
+  beta = 2.5
+  out, info = pp.stretch(images, beta)
+  assert out.shape == images.shape and out.dtype == np.float32
+  np.testing.assert_array_equal(info["n_nonfinite"], [0, 2])
+  np.testing.assert_allclose(info["sky_sigma"], [1.0, 5.0], rtol=0.05)
+  for b in range(2):
+    assert info["sky_sigma"][b] == pp.sky_sigma(images[b])
+    expected = np.arcsinh(np.nan_to_num(images[b].astype(np.float64), posinf=0)
+                          / (beta * info["sky_sigma"][b]))
+    np.testing.assert_allclose(out[b], expected, rtol=1e-6, atol=3e-7)
+  assert out[1, 3, 4] == 0 and out[1, 5, 6] == 0
+  assert np.all(np.isfinite(out))
+
+
+def test_stretch_subtract_sky():
+  image = noisy_image(1.0)[None]
+  plain, _ = pp.stretch(image, 1.0)
+  shifted, info = pp.stretch(image + np.float32(50.0), 1.0, subtract_sky=True)
+  assert info["sky_level"][0] == pytest.approx(50.0, abs=0.05)
+  np.testing.assert_allclose(shifted, plain, atol=0.05)
+
+
+def test_stretch_rejects_mostly_nonfinite_and_constant():
+  images = np.stack([noisy_image(1.0), noisy_image(1.0, seed=3)])
+  images[1, :200] = np.nan  # 69% of band 1
+  with pytest.raises(pp.PreprocessError) as excinfo:
+    pp.stretch(images, 1.0)
+  assert excinfo.value.reason == pp.MOSTLY_NONFINITE == "mostly non-finite image"
+  assert excinfo.value.band == 1 and isinstance(excinfo.value, ValueError)
+  back = pickle.loads(pickle.dumps(excinfo.value))
+  assert (back.reason, back.band, str(back)) == (pp.MOSTLY_NONFINITE, 1,
+                                                 "mostly non-finite image (band 1)")
+  pp.stretch(images, 1.0, max_bad_fraction=0.75)  # allowed when the threshold is raised
+
+  images = np.stack([noisy_image(1.0), np.full((288, 288), 3.0, np.float32)])
+  with pytest.raises(pp.PreprocessError) as excinfo:
+    pp.stretch(images, 1.0)
+  assert excinfo.value.reason == pp.ZERO_SKY_SIGMA and excinfo.value.band == 1
+  with pytest.raises(ValueError):
+    pp.stretch(images[0], 1.0)  # not (bands, H, W)
+
+
+def test_bin_image_mean():
+  images = np.arange(2 * 4 * 6, dtype=np.float32).reshape(2, 4, 6)
+  binned = pp.bin_image(images, 2)
+  assert binned.shape == (2, 2, 3) and binned.dtype == np.float32
+  assert binned[0, 0, 0] == np.mean([0, 1, 6, 7])
+  assert binned[1, 1, 2] == np.mean(images[1, 2:4, 4:6])
+  np.testing.assert_allclose(binned.mean(), images.mean())
+  np.testing.assert_array_equal(pp.bin_image(images, 1), images)
+  x = np.random.default_rng(0).normal(size=(3, 2, 12, 9)).astype(np.float32)
+  ref = x.astype(np.float64).reshape(3, 2, 4, 3, 3, 3).mean(axis=(3, 5))
+  np.testing.assert_allclose(pp.bin_image(x, 3), ref, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError):
+    pp.bin_image(images, 4)
+
+
+# --------------------------------------------------------------------------- spectra
+
+
+def sdss_like(n=3850, start=3.5797, seed=0):
+  rng = np.random.default_rng(seed)
+  loglam = start + 1e-4 * np.arange(n)
+  return (10 ** loglam, rng.normal(10, 1, n).astype(np.float32),
+          rng.uniform(0.5, 2, n).astype(np.float32), np.zeros(n, np.int32))
+
+
+def test_resample_on_lattice_copies_exactly():
+  wavelength, flux, ivar, and_mask = sdss_like()
+  and_mask[100] = 4
+  flux[200] = np.nan
+  ivar[300] = np.inf
+  ivar[400] = 0
+  out, weight = pp.resample_to_grid(wavelength, flux, ivar, and_mask)
+  assert out.dtype == np.float32 and weight.dtype == np.float32 and out.shape == (4000,)
+  # Source pixel k sits on grid pixel k - 3 (3.5797 = 3.58 - 3e-4); the grid ends at k = 3846.
+  src = np.arange(3, 3850)
+  bad = np.isin(src, [100, 200, 300, 400])
+  np.testing.assert_array_equal(out[:3847][~bad], flux[src][~bad])
+  np.testing.assert_array_equal(weight[:3847][~bad], ivar[src][~bad])
+  assert np.all(out[src[bad] - 3] == 0) and np.all(weight[src[bad] - 3] == 0)
+  assert np.all(weight[3847:] == 0) and np.all(out[3847:] == 0)
+  assert pp.count_valid(weight) == 3847 - 4
+
+
+def test_resample_on_lattice_tolerates_float32_loglam():
+  wavelength, flux, ivar, _ = sdss_like(start=3.5812)
+  wavelength = 10 ** np.log10(wavelength).astype(np.float32).astype(np.float64)  # ~2e-7 dex off
+  out, weight = pp.resample_to_grid(wavelength, flux, ivar)
+  # Source pixel k sits on grid pixel k + 12.
+  np.testing.assert_array_equal(out[12:3862], flux)
+  np.testing.assert_array_equal(weight[12:3862], ivar)
+  assert np.all(weight[:12] == 0) and np.all(weight[3862:] == 0)
+
+
+def smooth(w):
+  """A smooth positive spectrum with an emission line, 1e-17 erg/s/cm^2/A."""
+  return 10 + 5 * np.sin(w / 300.0) + 40 * np.exp(-0.5 * ((w - 6563.0) / 4.0) ** 2)
+
+
+def smooth_integral(a, b):
+  """Exact integral of `smooth` over [a, b] Angstrom."""
+  from math import erf, sqrt
+  line = 40 * 4.0 * np.sqrt(np.pi / 2) * (erf((b - 6563.0) / (4.0 * sqrt(2)))
+                                          - erf((a - 6563.0) / (4.0 * sqrt(2))))
+  return 10 * (b - a) - 5 * 300.0 * (np.cos(b / 300.0) - np.cos(a / 300.0)) + line
+
+
+def test_resample_off_lattice_conserves_flux():
+  wavelength = np.arange(3500.0, 10000.0, 0.7)
+  out, weight = pp.resample_to_grid(wavelength, smooth(wavelength))
+  edges = grid.pixel_edges()
+  assert np.all(weight == 1)
+  total = np.sum(out.astype(np.float64) * np.diff(edges))
+  assert total == pytest.approx(smooth_integral(edges[0], edges[-1]), rel=1e-3)
+  # Locally too: each pixel holds the mean of the spectrum over it (to the accuracy of the
+  # 0.7 A piecewise-constant source sampling, ~0.4% on the 4 A wide line).
+  exact = np.array([smooth_integral(a, b) / (b - a) for a, b in zip(edges[:-1], edges[1:])])
+  np.testing.assert_allclose(out, exact, rtol=5e-3)
+  line_free = np.abs(grid.wavelength() - 6563.0) > 30
+  np.testing.assert_allclose(out[line_free], exact[line_free], rtol=2e-4)
+
+
+def test_resample_off_lattice_constant_and_range():
+  wavelength = np.linspace(5000.0, 6000.0, 1234)
+  out, weight = pp.resample_to_grid(wavelength, np.full(1234, 3.5))
+  inside = (grid.wavelength() > 5001.0) & (grid.wavelength() < 5999.0)
+  outside = (grid.wavelength() < 4999.0) | (grid.wavelength() > 6001.0)
+  np.testing.assert_allclose(out[inside], 3.5, rtol=1e-6)
+  assert np.all(weight[inside] == 1)
+  assert np.all(weight[outside] == 0) and np.all(out[outside] == 0)
+  assert np.all(out[weight == 0] == 0)
+
+
+@pytest.mark.parametrize("covered, measured", [(0.3, False), (0.7, True)])
+def test_resample_off_lattice_edge_pixel_needs_half_coverage(covered, measured):
+  edges = grid.pixel_edges()
+  end = edges[2000] + covered * (edges[2001] - edges[2000])  # source's last pixel edge
+  wavelength = np.arange(end - 0.05, 5000.0, -0.1)[::-1]  # 0.1 A pixels
+  out, weight = pp.resample_to_grid(wavelength, np.full(wavelength.size, 2.0))
+  assert weight[1999] == 1 and out[1999] == pytest.approx(2.0)
+  assert weight[2000] == float(measured) and out[2000] == pytest.approx(2.0 if measured else 0.0)
+  assert np.all(weight[2001:] == 0)
+
+
+def test_resample_off_lattice_ivar_propagation():
+  # 0.01 A source pixels, ivar 2: a grid pixel of width d averages ~d/0.01 of them.
+  wavelength = np.arange(5000.0, 5100.0, 0.01)
+  n = wavelength.size
+  ivar = np.full(n, 2.0)
+  flux = np.ones(n)
+  flux[5000] = np.nan  # one bad source pixel: its grid pixel stays measured
+  and_mask = np.zeros(n, np.int32)
+  and_mask[7000:7400] = 1  # 4 A masked: grid pixels wholly inside get weight 0
+  out, weight = pp.resample_to_grid(wavelength, flux, ivar, and_mask)
+  width = np.diff(grid.pixel_edges())
+  centre = grid.wavelength()
+  clean = (centre > 5002) & (centre < 5098) & ((centre < 5069) | (centre > 5075))
+  np.testing.assert_allclose(weight[clean], 2.0 * width[clean] / 0.01, rtol=0.01)
+  np.testing.assert_allclose(out[clean], 1.0, rtol=1e-9)
+  masked = (centre > 5071) & (centre < 5073)
+  assert masked.any() and np.all(weight[masked] == 0) and np.all(out[masked] == 0)
+
+
+def test_resample_empty_and_validation():
+  out, weight = pp.resample_to_grid(np.zeros(0), np.zeros(0))
+  assert out.shape == weight.shape == (4000,) and pp.count_valid(weight) == 0
+  with pytest.raises(ValueError):
+    pp.resample_to_grid(np.array([5000.0, 4000.0]), np.ones(2))
+  with pytest.raises(ValueError):
+    pp.resample_to_grid(np.array([5000.0, 6000.0]), np.ones(3))
+
+
+def test_count_valid():
+  assert pp.count_valid(np.float32([0, 1, 0.5, 0, -1])) == 2
+
+
+# --------------------------------------------------------------------------- splits
+
+
+def test_split_of_deterministic_and_balanced():
+  rng = np.random.default_rng(0)
+  ids = [str(i) for i in rng.integers(10**17, 10**19, 20000, dtype=np.uint64)]
+  splits = [pp.split_of(i) for i in ids]
+  assert splits == [pp.split_of(i) for i in ids]
+  fractions = [splits.count(s) / len(ids) for s in pp.SPLITS]
+  np.testing.assert_allclose(fractions, [0.8, 0.1, 0.1], atol=0.015)
+  assert set(pp.split_of(i, (1.0, 0.0, 0.0)) for i in ids[:100]) == {"train"}
+
+
+def test_split_of_regression():
+  # sha256("2") = d4735e3a..., u = 0.830 -> validation; sha256("5") = ef2d127d..., u = 0.934.
+  assert pp.split_of("299489677444933632") == "train"
+  assert pp.split_of("2") == "validation"
+  assert pp.split_of("5") == "test"
+  assert pp.split_of("15") == "validation"
+  assert pp.split_of("20") == "test"
+  with pytest.raises(ValueError):
+    pp.split_of("1", (0.8, 0.1))

@@ -1,0 +1,177 @@
+"""The data-parallel train step, checkpoints and a whole tiny training run."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+
+from astra_jax import grid
+from astra_jax import train
+from experiments.configs import baseline
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(**overrides):
+  config = baseline.get_config("tiny")
+  config.model.dropout = 0.0  # Dropout masks are drawn per device; 1 vs N devices must match.
+  for k, v in overrides.items():
+    config[k] = v
+  return config
+
+
+def fake_batch(config, seed=0):
+  """A global batch in which devices hold different numbers of counting examples."""
+  rng = np.random.default_rng(seed)
+  b = config.batch_size
+  weight = np.ones((b, grid.NUM_PIXELS), np.float32)
+  weight[1] = 0.0                      # A galaxy with no valid pixel counts in no spectrum term.
+  weight[:, :300] = 0.0
+  has_z = np.array([True, True, True, False, False, True, False, False])[:b]
+  return {
+      "image": rng.normal(size=(b, *train.image_shape(config))).astype(np.float32),
+      "flux": (5 + rng.normal(size=(b, grid.NUM_PIXELS))).astype(np.float32),
+      "weight": weight,
+      "z": rng.uniform(0.02, 0.4, size=b).astype(np.float32),
+      "has_z": has_z,
+  }
+
+
+def run_steps(config, devices, batches, tx=None):
+  mesh = train.create_mesh(devices)
+  model = train.make_model(config)
+  tx = tx or train.make_optimizer(config)
+  state = train.init_state(config, model, tx, mesh)
+  step = train.make_train_step(config, model, tx, mesh)
+  rng = jax.random.key(config.seed)
+  metrics = []
+  for batch in batches:
+    state, m = step(state, train.to_global(batch, mesh), rng)
+    metrics.append(jax.device_get(m))
+  return jax.device_get(state), metrics, step
+
+
+def test_four_devices_equal_one_device():
+  assert jax.device_count() == 4, "conftest should fake 4 CPU devices"
+  config = tiny_config()
+  batches = [fake_batch(config, 0), fake_batch(config, 1)]
+  # Plain SGD makes the parameters a linear read-out of the averaged gradients. (Adam's first
+  # steps are ~lr * sign(g), which turns float32 summation-order noise in gradients that cancel
+  # to ~0 into differences of order lr; the metrics below still check Adam's run.)
+  sgd = optax.sgd(0.5)
+  state1, metrics1, _ = run_steps(config, jax.devices()[:1], batches, tx=sgd)
+  state4, metrics4, _ = run_steps(config, jax.devices(), batches, tx=sgd)
+  assert int(state1.step) == int(state4.step) == 2
+  # Tolerance: float32 sums in another order: ~1e-6 relative on the metrics, ~5e-7 absolute on
+  # parameters that the two steps move by up to ~1e-1.
+  for m1, m4 in zip(metrics1, metrics4):
+    for k in ("loss", "loss_spectrum", "loss_norm", "loss_redshift", "grad_norm"):
+      np.testing.assert_allclose(m4[k], m1[k], rtol=2e-5, err_msg=k)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=2e-5, atol=2e-6),
+               state1.params, state4.params)
+  _, adam1, _ = run_steps(config, jax.devices()[:1], batches)
+  _, adam4, _ = run_steps(config, jax.devices(), batches)
+  for m1, m4 in zip(adam1, adam4):
+    np.testing.assert_allclose(m4["loss"], m1["loss"], rtol=2e-5)
+    np.testing.assert_allclose(m4["grad_norm"], m1["grad_norm"], rtol=2e-5)
+  # And the update really moved the parameters (the comparison above is not vacuous).
+  init = train.init_state(config, train.make_model(config), train.make_optimizer(config),
+                          train.create_mesh(jax.devices()[:1]))
+  moved = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))),
+                       init.params, state4.params)
+  assert max(jax.tree.leaves(moved)) > 1e-4
+
+
+def test_step_compiles_once_and_loss_falls():
+  config = tiny_config(learning_rate=3e-3, warmup_steps=1, num_train_steps=30)
+  batch = fake_batch(config)
+  _, metrics, step = run_steps(config, jax.devices(), [batch] * 12)
+  assert step._cache_size() == 1  # pylint: disable=protected-access
+  assert metrics[-1]["loss"] < 0.8 * metrics[0]["loss"]
+  assert all(m["finite"] == 1.0 for m in metrics)
+
+
+def test_non_finite_batch_does_not_touch_the_parameters():
+  config = tiny_config()
+  mesh = train.create_mesh()
+  model, tx = train.make_model(config), train.make_optimizer(config)
+  state = train.init_state(config, model, tx, mesh)
+  before = jax.device_get(state)
+  batch = fake_batch(config)
+  batch["image"][2, 0, 0, 0] = np.nan
+  state, metrics = train.make_train_step(config, model, tx, mesh)(
+      state, train.to_global(batch, mesh), jax.random.key(0))
+  assert float(metrics["finite"]) == 0.0
+  assert int(state.step) == 0
+  jax.tree.map(np.testing.assert_array_equal, before.params, jax.device_get(state.params))
+
+
+def test_invalid_config_names_field_and_allowed_values():
+  config = tiny_config()
+  config.dtype = "float16"
+  with pytest.raises(ValueError, match=r"config\.dtype='float16'.*'float32', 'bfloat16'"):
+    train.validate_config(config)
+  config = tiny_config(batch_size=6)
+  with pytest.raises(ValueError, match=r"config\.batch_size=6.*multiple of the device count 4"):
+    train.validate_config(config)
+
+
+def test_checkpoint_restores_identically_in_a_fresh_process(tmp_path):
+  config = tiny_config()
+  state, _, _ = run_steps(config, jax.devices(), [fake_batch(config)])
+  latest, _ = train.checkpoint_managers(str(tmp_path), config)
+  latest.save(1, args=ocp.args.StandardSave(state))
+  latest.wait_until_finished()
+  np.savez(tmp_path / "expected.npz", *[np.asarray(x) for x in jax.tree.leaves(state)])
+  script = textwrap.dedent(f"""
+      import jax, numpy as np
+      from astra_jax import train
+      from experiments.configs import baseline
+      config = baseline.get_config("tiny")
+      config.model.dropout = 0.0
+      mesh = train.create_mesh()
+      model, tx = train.make_model(config), train.make_optimizer(config)
+      latest, _ = train.checkpoint_managers({str(tmp_path)!r}, config)
+      state = train.restore_or_init(latest, config, model, tx, mesh)
+      np.savez({str(tmp_path / 'restored.npz')!r}, *[np.asarray(x) for x in jax.tree.leaves(state)])
+  """)
+  env = dict(os.environ, PYTHONPATH=REPO)
+  subprocess.run([sys.executable, "-c", script], check=True, cwd=REPO, env=env, timeout=300)
+  expected, restored = np.load(tmp_path / "expected.npz"), np.load(tmp_path / "restored.npz")
+  assert len(expected.files) == len(restored.files) > 10
+  for name in expected.files:
+    np.testing.assert_array_equal(restored[name], expected[name])
+    assert restored[name].dtype == expected[name].dtype
+
+
+@pytest.mark.slow
+def test_train_and_evaluate_end_to_end_and_resume(tmp_path):
+  config = baseline.get_config("tiny")
+  config.mock_cache_dir = str(tmp_path / "cache")
+  workdir = str(tmp_path / "run")
+  results = train.train_and_evaluate(config, workdir)
+  scalars = results["scalars"]
+  for key in ("spectrum_r2", "spectrum_mse", "z_mean_sigma_mad", "z_mean_outlier_fraction",
+              "z_mean_bias", "z_crps"):
+    assert key in scalars and np.isfinite(scalars[key]), key
+  saved = json.load(open(os.path.join(workdir, "config.json")))
+  assert saved["model"]["dim"] == config.model.dim and saved["data_dir"]
+  lines = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  assert [l["step"] for l in lines if l["split"] == "train"] == [1, 2, 3, 4]
+  assert {l["split"] for l in lines} == {"train", "validation", "test"}
+  assert os.listdir(os.path.join(workdir, "tensorboard"))
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
+
+  # The same command with more steps resumes at step 4 instead of starting over.
+  config.num_train_steps = 6
+  train.train_and_evaluate(config, workdir)
+  lines = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  assert [l["step"] for l in lines if l["split"] == "train"] == [1, 2, 3, 4, 5, 6]

@@ -298,20 +298,18 @@ class MetricWriter:
   def __init__(self, workdir: str):
     self.active = jax.process_index() == 0
     if self.active:
-      import tensorflow as tf  # pylint: disable=g-import-not-at-top
+      import tensorboardX  # pylint: disable=g-import-not-at-top
       self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-      self._tb = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+      self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"))
 
   def write(self, step: int, split: str, metrics: dict[str, float]):
     if not self.active:
       return
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
     self._jsonl.write(json.dumps({"step": int(step), "split": split,
                                   **{k: float(v) for k, v in metrics.items()}}) + "\n")
     self._jsonl.flush()
-    with self._tb.as_default(step=int(step)):
-      for k, v in metrics.items():
-        tf.summary.scalar(f"{split}/{k}", float(v))
+    for k, v in metrics.items():
+      self._tb.add_scalar(f"{split}/{k}", float(v), int(step))
     self._tb.flush()
 
   def close(self):
@@ -350,6 +348,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   rng = jax.device_put(jax.random.key(config.seed, impl=config.rng_impl),
                        NamedSharding(mesh, P()))
   writer = MetricWriter(workdir)
+  splits = set(pipeline.load_builder(dataset_dir).info.splits)
+  for split in ("validation", "test"):
+    if split not in splits:
+      logging.warning("%s has no %r split (too few galaxies); it is not evaluated", dataset_dir,
+                      split)
   eval_batches = lambda split: pipeline.as_numpy(pipeline.eval_dataset(
       dataset_dir, split, global_batch=config.batch_size, extra_keys=()))
   train_iter = pipeline.as_numpy(pipeline.train_dataset(
@@ -374,7 +377,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if done % config.log_every_steps == 0:
         rate = (done - n0) * config.batch_size / (time.perf_counter() - t0)
         bar.set_postfix(samples_per_s=f"{rate:.1f}")
-      if done % config.eval_every_steps == 0 or done == config.num_train_steps:
+      if ("validation" in splits and
+          (done % config.eval_every_steps == 0 or done == config.num_train_steps)):
         _check_and_log(*pending, writer, bar, config)
         pending = None
         val = evaluate_split(eval_step, state.params, eval_batches("validation"), mesh, config)
@@ -398,9 +402,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     writer.close()
     raise SystemExit(128 + stop["signal"])
 
-  results = evaluate.evaluate_model(model, state.params, eval_step, eval_batches("test"), mesh,
-                                    config)
-  writer.write(config.num_train_steps, "test", results["scalars"])
+  results = {"scalars": {}, "predictions": {}}
+  if "test" in splits:
+    results = evaluate.evaluate_model(model, state.params, eval_step, eval_batches("test"), mesh,
+                                      config)
+    writer.write(config.num_train_steps, "test", results["scalars"])
   writer.close()
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "test_metrics.json"), "w") as f:

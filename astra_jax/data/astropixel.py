@@ -224,7 +224,8 @@ class Astropixel(tfds.core.GeneratorBasedBuilder):
     by_split = {s: [] for s in SPLITS}
     for galaxy_dir, row in survey.items:
       by_split[preprocess.split_of(row.specobj_id)].append((galaxy_dir, row))
-    return {s: self._generate_examples(by_split[s]) for s in SPLITS}
+    # tfds cannot write an empty split: a split that no galaxy hashes to is left out (tiny surveys).
+    return {s: self._generate_examples(by_split[s]) for s in SPLITS if by_split[s]}
 
   def _generate_examples(self, items) -> Iterator[tuple[str, dict]]:
     jobs = [(galaxy_dir, row, self.builder_config) for galaxy_dir, row in items]

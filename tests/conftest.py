@@ -6,3 +6,15 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # pylint: disable=g-import-not-at-top,g-bad-import-order
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory):
+  """The `tiny` config's mock survey (24 galaxies: 17 train, 2 validation, 5 test), 32x32 px."""
+  from astra_jax.data import mock  # pylint: disable=g-import-not-at-top
+  from astra_jax.data import prepare  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.mktemp("tiny_dataset")
+  mock.generate_survey(str(root / "raw"), 24, seed=3, num_workers=1)
+  return prepare.prepare(str(root / "raw"), str(root / "tfds"), image_size=32)["dataset_dir"]

@@ -91,8 +91,9 @@ def galaxy_example(galaxy_dir: str, row: fits_io.CatalogRow, config: AstropixelC
                                              ivar=spectrum.ivar, and_mask=spectrum.and_mask)
   valid = preprocess.count_valid(weight)
   if valid < config.min_valid_pixels:
-    raise fits_io.InputError(spectrum.path, f"fewer than {config.min_valid_pixels} valid pixels "
-                             f"on the grid ({valid})")
+    raise fits_io.InputError(spectrum.path,
+                             f"fewer than {config.min_valid_pixels} valid pixels on the grid",
+                             detail=f"{valid} valid")
   z = row.z if row.has_z else spectrum.z
   has_z = bool(np.isfinite(z))
   return {
@@ -113,15 +114,18 @@ def _try_example(args) -> tuple[str, dict | None, dict | None]:
   try:
     return row.specobj_id, galaxy_example(galaxy_dir, row, config), None
   except fits_io.InputError as e:
-    return row.specobj_id, None, rejection(row.specobj_id, e.path, e.reason)
+    return row.specobj_id, None, rejection(row.specobj_id, e.path, e.reason, e.detail)
   except Exception as e:  # pylint: disable=broad-except
     # One unexpected failure must not kill a run over thousands of galaxies; it is still reported.
-    return row.specobj_id, None, rejection(row.specobj_id, galaxy_dir, f"unexpected error: {e!r}")
+    return row.specobj_id, None, rejection(row.specobj_id, galaxy_dir, "unexpected error", repr(e))
 
 
-def rejection(specobj_id: str | None, path: str, reason: str) -> dict:
-  """One line of rejected.jsonl."""
-  return {"specobj_id": specobj_id, "path": path, "reason": reason}
+def rejection(specobj_id: str | None, path: str, reason: str, detail: str | None = None) -> dict:
+  """One line of rejected.jsonl: a stable `reason`, and the particulars in `detail`."""
+  out = {"specobj_id": specobj_id, "path": path, "reason": reason}
+  if detail:
+    out["detail"] = detail
+  return out
 
 
 # ---------------------------------------------------------------- the raw folder
@@ -147,12 +151,13 @@ def scan_raw_dir(raw_dir: str) -> RawSurvey:
   rows = fits_io.read_catalog_rows(catalog_path)
   for line_no, row in enumerate(rows, start=2):
     if isinstance(row, fits_io.InputError):
-      rejections.append(rejection(None, row.path, row.reason))
+      rejections.append(rejection(None, row.path, row.reason, row.detail))
       continue
     galaxy_dir = folders.get(row.specobj_id)
     if row.specobj_id in seen:
       rejections.append(rejection(row.specobj_id, f"{catalog_path}:{line_no}",
-                                  f"duplicate specobj_id (first at line {seen[row.specobj_id]})"))
+                                  "duplicate specobj_id",
+                                  f"first at line {seen[row.specobj_id]}"))
     elif galaxy_dir is None:
       rejections.append(rejection(row.specobj_id, f"{catalog_path}:{line_no}",
                                   "data.csv row with no galaxy folder"))
@@ -207,8 +212,11 @@ class Astropixel(tfds.core.GeneratorBasedBuilder):
             "z": tfds.features.Scalar(dtype=np.float32, doc="spectroscopic redshift"),
             "has_z": tfds.features.Scalar(dtype=np.bool_),
             "specobj_id": tfds.features.Text(),
-            "ra": tfds.features.Scalar(dtype=np.float64, doc="degrees, ICRS"),
-            "dec": tfds.features.Scalar(dtype=np.float64, doc="degrees, ICRS"),
+            # tf.train.Example floats are 32-bit; raw bytes keep float64 coordinates exact.
+            "ra": tfds.features.Tensor(shape=(), dtype=np.float64, doc="degrees, ICRS",
+                                       encoding=tfds.features.Encoding.BYTES),
+            "dec": tfds.features.Tensor(shape=(), dtype=np.float64, doc="degrees, ICRS",
+                                        encoding=tfds.features.Encoding.BYTES),
         }),
         metadata=tfds.core.MetadataDict(
             bands=list(cfg.bands), image_size=size, stretch_beta=cfg.stretch_beta,
@@ -224,10 +232,26 @@ class Astropixel(tfds.core.GeneratorBasedBuilder):
     by_split = {s: [] for s in SPLITS}
     for galaxy_dir, row in survey.items:
       by_split[preprocess.split_of(row.specobj_id)].append((galaxy_dir, row))
-    # tfds cannot write an empty split: a split that no galaxy hashes to is left out (tiny surveys).
-    return {s: self._generate_examples(by_split[s]) for s in SPLITS if by_split[s]}
+    # tfds cannot write an empty split, so each split's first good galaxy is found here: a split
+    # that no galaxy hashes to, or whose galaxies are all rejected, is left out (tiny surveys).
+    generators = {}
+    for split in SPLITS:
+      first, rest = self._first_example(by_split[split])
+      if first is not None:
+        generators[split] = self._generate_examples(first, rest)
+    return generators
 
-  def _generate_examples(self, items) -> Iterator[tuple[str, dict]]:
+  def _first_example(self, items):
+    """((key, example) of the first good galaxy, the items after it), or (None, [])."""
+    for k, (galaxy_dir, row) in enumerate(items):
+      key, example, rejected = _try_example((galaxy_dir, row, self.builder_config))
+      if rejected is None:
+        return (key, example), items[k + 1:]
+      self.rejections.append(rejected)
+    return None, []
+
+  def _generate_examples(self, first, items) -> Iterator[tuple[str, dict]]:
+    yield first
     jobs = [(galaxy_dir, row, self.builder_config) for galaxy_dir, row in items]
     if self.num_workers > 1 and len(jobs) > 1:
       with multiprocessing.get_context("spawn").Pool(self.num_workers) as pool:

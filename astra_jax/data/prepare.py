@@ -44,16 +44,8 @@ def prepare(raw_dir: str, data_dir: str, *, bands=grid.PS1_BANDS, image_size: in
                                   num_workers=num_workers)
   dataset_dir = os.fspath(builder.data_dir)
   if not builder.is_prepared():
-    try:
-      builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-          manual_dir=os.path.abspath(raw_dir), try_download_gcs=False))
-    except AssertionError as e:
-      if "No examples were yielded" not in str(e):
-        raise
-      path = os.path.join(os.path.abspath(data_dir), "rejected.jsonl")
-      _write_rejections(builder.rejections, path)
-      raise RuntimeError(f"{raw_dir}: every galaxy of one split was rejected ({e}); the "
-                         f"{len(builder.rejections)} rejections are in {path}") from None
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        manual_dir=os.path.abspath(raw_dir), try_download_gcs=False))
     _write_accounts(builder, dataset_dir)
   return summary(dataset_dir)
 
@@ -61,7 +53,9 @@ def prepare(raw_dir: str, data_dir: str, *, bands=grid.PS1_BANDS, image_size: in
 def _write_accounts(builder, dataset_dir: str):
   """rejected.jsonl and manifest.jsonl: where every raw galaxy went."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  _write_rejections(builder.rejections, os.path.join(dataset_dir, "rejected.jsonl"))
+  with open(os.path.join(dataset_dir, "rejected.jsonl"), "w") as f:
+    for r in builder.rejections:
+      f.write(json.dumps(r) + "\n")
   with open(os.path.join(dataset_dir, "manifest.jsonl"), "w") as f:
     for split in builder.info.splits:
       ds = builder.as_dataset(split=split, shuffle_files=False,
@@ -73,13 +67,6 @@ def _write_accounts(builder, dataset_dir: str):
     for r in builder.rejections:
       f.write(json.dumps({"specobj_id": r["specobj_id"], "split": "rejected",
                           "reason": r["reason"]}) + "\n")
-
-
-def _write_rejections(rejections: list[dict], path: str):
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path, "w") as f:
-    for r in rejections:
-      f.write(json.dumps(r) + "\n")
 
 
 def summary(dataset_dir: str) -> dict:

@@ -1,0 +1,87 @@
+"""tf.data over the prepared shards: shapes, determinism, augmentation, resume, hosts, eval."""
+
+import itertools
+
+import numpy as np
+import tensorflow as tf
+
+from astra_jax.data import pipeline
+
+
+def batches(dataset_dir, n, **kwargs):
+  kwargs = {**dict(global_batch=4, seed=0, process_index=0, process_count=1), **kwargs}
+  return list(itertools.islice(pipeline.train_dataset(dataset_dir, **kwargs).as_numpy_iterator(), n))
+
+
+def test_shapes_and_dtypes(tiny_dataset):
+  (batch,) = batches(tiny_dataset, 1)
+  assert set(batch) == {"image", "flux", "weight", "z", "has_z"}
+  assert batch["image"].shape == (4, 5, 32, 32) and batch["image"].dtype == np.float32
+  assert batch["flux"].shape == batch["weight"].shape == (4, 4000)
+  assert batch["z"].dtype == np.float32 and batch["has_z"].dtype == bool
+  assert tf.config.get_visible_devices("GPU") == []
+
+
+def test_same_seed_same_batches_other_seed_other_batches(tiny_dataset):
+  a, b, c = batches(tiny_dataset, 6), batches(tiny_dataset, 6), batches(tiny_dataset, 6, seed=1)
+  for x, y in zip(a, b):
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k])
+  assert not all(np.array_equal(x["z"], y["z"]) for x, y in zip(a, c))
+
+
+def test_resume_at_step_k_yields_batch_k(tiny_dataset):
+  # 17 training galaxies in batches of 4: step 5 starts in the second epoch.
+  full = batches(tiny_dataset, 9)
+  for k in (1, 4, 5, 8):
+    (resumed,) = batches(tiny_dataset, 1, start_step=k)
+    for key in resumed:
+      np.testing.assert_array_equal(resumed[key], full[k][key], err_msg=f"step {k} {key}")
+
+
+def test_epochs_cover_every_example_and_reshuffle(tiny_dataset):
+  stream = np.concatenate([b["flux"].sum(1) for b in batches(tiny_dataset, 17, augment=False)])
+  first, second = stream[:17], stream[17:34]
+  assert len(set(first)) == 17 and sorted(first) == sorted(second)
+  assert not np.array_equal(first, second)
+
+
+def test_augmentation_is_a_dihedral_map_preserving_flux(tiny_dataset):
+  plain, augmented = batches(tiny_dataset, 4, augment=False), batches(tiny_dataset, 4)
+  moved = 0
+  for p, a in zip(plain, augmented):
+    np.testing.assert_array_equal(p["flux"], a["flux"])            # Spectrum unchanged.
+    np.testing.assert_allclose(p["image"].sum((2, 3)), a["image"].sum((2, 3)), rtol=1e-5)
+    for x, y in zip(p["image"], a["image"]):
+      candidates = [np.rot90(x, k, axes=(1, 2)) for k in range(4)]
+      candidates += [c[:, :, ::-1] for c in candidates]
+      assert any(np.array_equal(c, y) for c in candidates)
+      moved += not np.array_equal(x, y)
+  assert moved > 0
+
+
+def test_dihedral_gives_eight_distinct_images():
+  image = tf.reshape(tf.range(2 * 3 * 3, dtype=tf.float32), (2, 3, 3))
+  outs = {pipeline.dihedral(image, tf.constant(k)).numpy().tobytes() for k in range(8)}
+  assert len(outs) == 8
+
+
+def test_hosts_read_disjoint_examples(tiny_dataset):
+  host = lambda i: batches(tiny_dataset, 2, process_index=i, process_count=2, augment=False)
+  h0, h1 = host(0), host(1)
+  assert h0[0]["image"].shape[0] == 2
+  s0 = {float(x) for b in h0 for x in b["flux"].sum(1)}
+  s1 = {float(x) for b in h1 for x in b["flux"].sum(1)}
+  assert not s0 & s1
+
+
+def test_eval_pads_to_whole_batches_with_a_mask(tiny_dataset):
+  out = list(pipeline.eval_dataset(tiny_dataset, "test", global_batch=4, process_index=0,
+                                   process_count=1).as_numpy_iterator())
+  assert len(out) == 2                                             # 5 test galaxies.
+  mask = np.concatenate([b["mask"] for b in out])
+  assert mask.tolist() == [True] * 5 + [False] * 3
+  pad = out[-1]
+  assert np.all(pad["weight"][1:] == 0) and not pad["has_z"][1:].any()
+  ids = [i for b in out for i, m in zip(b["specobj_id"], b["mask"]) if m]
+  assert len(set(ids)) == 5

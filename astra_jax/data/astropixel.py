@@ -98,6 +98,7 @@ def galaxy_example(galaxy_dir: str, row: fits_io.CatalogRow, config: AstropixelC
   has_z = bool(np.isfinite(z))
   return {
       "image": image_example(galaxy.images, config, galaxy_dir),
+      "aperture_flux": preprocess.aperture_flux(galaxy.images, galaxy.headers),
       "flux": flux.astype(np.float32),
       "weight": weight.astype(np.float32),
       "z": np.float32(z if has_z else 0.0),
@@ -179,6 +180,8 @@ class Astropixel(tfds.core.GeneratorBasedBuilder):
   """Pan-STARRS1 grizy cutouts paired with SDSS spectra on one observed-frame grid.
 
   `image` (bands, S, S) float32: asinh-stretched linear flux, asinh(x / (beta * sigma_sky)).
+  `aperture_flux` (bands,) float32: nanomaggies in the SDSS fiber's 3 arcsec diameter, measured on
+  the linear cutouts (for colour baselines; AB mag = 22.5 - 2.5 log10 f).
   `flux` (4000,) float32: 1e-17 erg/s/cm^2/Angstrom on log10(lambda) = 3.58 + 1e-4 i (vacuum,
   observed frame). `weight` (4000,) float32: ivar (1e-17 erg/s/cm^2/A)^-2 where the source has
   it, 1 inside the measured range where it has not, 0 outside, masked or non-finite.
@@ -205,6 +208,9 @@ class Astropixel(tfds.core.GeneratorBasedBuilder):
         features=tfds.features.FeaturesDict({
             "image": tfds.features.Tensor(shape=(len(cfg.bands), size, size), dtype=np.float32,
                                           doc="asinh-stretched cutouts, bands in config order"),
+            "aperture_flux": tfds.features.Tensor(
+                shape=(len(cfg.bands),), dtype=np.float32,
+                doc="nanomaggies in a 3 arcsec diameter aperture, bands in config order"),
             "flux": tfds.features.Tensor(shape=(grid.NUM_PIXELS,), dtype=np.float32,
                                          doc="1e-17 erg/s/cm^2/Angstrom on the fixed grid"),
             "weight": tfds.features.Tensor(shape=(grid.NUM_PIXELS,), dtype=np.float32,

@@ -290,10 +290,10 @@ def test_aperture_flux_in_nanomaggies():
   images[:, 0, 0] = 1e6                    # ...and a bright source outside the 3" aperture.
   images[1, 40, 32] = np.nan               # Non-finite pixels count as 0.
   headers = [{"MAGZERO": 25.0}, {"EXPTIME": 100.0}]   # Zero points 25 and 25 + 2.5 log10(100).
-  flux = preprocess.aperture_flux(images, headers)
+  flux = pp.aperture_flux(images, headers)
   np.testing.assert_allclose(flux, [100 * 10 ** (-0.4 * 2.5), 100 * 10 ** (-0.4 * 7.5)], rtol=1e-6)
-  assert np.isnan(preprocess.aperture_flux(images[:1], [{}])[0])
+  assert np.isnan(pp.aperture_flux(images[:1], [{}])[0])
   # Bigger aperture, more light: the 2" BOSS fiber misses a ring that 3" catches.
   images[0, 32, 32 + 10] = 50.0            # 2.5" from the centre.
-  assert preprocess.aperture_flux(images[:1], headers[:1], 6.0)[0] > flux[0]
-  assert preprocess.aperture_flux(images[:1], headers[:1], 2.0)[0] == flux[0]
+  assert pp.aperture_flux(images[:1], headers[:1], 6.0)[0] > flux[0]
+  assert pp.aperture_flux(images[:1], headers[:1], 2.0)[0] == flux[0]

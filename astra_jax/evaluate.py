@@ -15,6 +15,7 @@ import jax
 from jax.experimental import multihost_utils
 import numpy as np
 
+from astra_jax import grid
 from astra_jax import losses
 from astra_jax.data import MODEL_KEYS
 from astra_jax.models import astra as astra_model
@@ -106,6 +107,33 @@ def weight_is_ivar(weight: np.ndarray) -> bool:
   return valid.size > 0 and not np.all(valid == 1.0)
 
 
+#: speclite filters inside the grid's 3802-9546 Angstrom (PS1 y reaches 11000 Angstrom).
+SYNTHETIC_BANDS = ("panstarrs-g", "panstarrs-r", "panstarrs-i", "panstarrs-z")
+
+
+def synthetic_band_errors(pred_flux: np.ndarray, flux: np.ndarray, weight: np.ndarray,
+                          bands=SYNTHETIC_BANDS) -> dict[str, float]:
+  """Median |F_pred / F_true - 1| of synthetic broad-band fluxes, per speclite filter.
+
+  Spectra (N, 4000) in 1e-17 erg/s/cm^2/A on the grid; a galaxy counts in a band only where its
+  true spectrum is valid over the whole filter (weight > 0 wherever the response is > 0).
+  """
+  import astropy.units as u  # pylint: disable=g-import-not-at-top
+  import speclite.filters  # pylint: disable=g-import-not-at-top
+  wave = grid.wavelength()
+  filters = speclite.filters.load_filters(*bands)
+  unit = 1e-17 * u.erg / (u.s * u.cm**2 * u.AA)
+  true = filters.get_ab_maggies(np.where(weight > 0, flux, 0.0) * unit, wave * u.AA)
+  pred = filters.get_ab_maggies(pred_flux * unit, wave * u.AA)
+  out = {}
+  for f in filters:
+    response = np.interp(wave, f.wavelength, f.response, left=0, right=0) > 0
+    covered = np.all(weight[:, response] > 0, axis=1) & (np.asarray(true[f.name]) > 0)
+    err = np.abs(np.asarray(pred[f.name])[covered] / np.asarray(true[f.name])[covered] - 1)
+    out[f.name.split("-")[-1]] = float(np.median(err)) if err.size else float("nan")
+  return out
+
+
 # ---------------------------------------------------------------- a model on a split
 
 
@@ -145,25 +173,100 @@ def collect_predictions(eval_step, params, batches: Iterable[dict], mesh, model
   return out
 
 
-def scalar_metrics(pred: dict[str, np.ndarray], model) -> dict[str, float]:
-  """Every scalar figure of merit of one model's predictions on one split."""
+def scalar_metrics(pred: dict[str, np.ndarray], z_edges: np.ndarray | None = None
+                   ) -> dict[str, float]:
+  """Every scalar figure of merit of one predictor on one split.
+
+  `pred` holds the truth (flux, weight, z, has_z) and the prediction: spectrum (normalised),
+  pred_flux (1e-17 erg/s/cm^2/A), z_mean, z_mode, and optionally z_pdf on bins `z_edges`.
+  """
   flux_norm = np.asarray(losses.normalise_spectrum(pred["flux"], pred["weight"])[0])
   out = {f"spectrum_{k}": v for k, v in
          spectrum_metrics(pred["spectrum"], flux_norm, pred["weight"]).items()}
   if weight_is_ivar(pred["weight"]):
     out["spectrum_reduced_chi2"] = reduced_chi2(pred["pred_flux"], pred["flux"], pred["weight"])
+  for band, err in synthetic_band_errors(pred["pred_flux"], pred["flux"], pred["weight"]).items():
+    out[f"band_{band}_frac_error"] = err
   has_z = pred["has_z"].astype(bool)
   for estimator in ("mean", "mode"):
     for k, v in redshift_metrics(pred[f"z_{estimator}"][has_z], pred["z"][has_z]).items():
       out[f"z_{estimator}_{k}"] = v
-  edges = np.linspace(0.0, model.z_max, model.num_z_bins + 1)
-  if has_z.any():
-    out["z_crps"] = float(np.mean(crps(pred["z_pdf"][has_z], edges, pred["z"][has_z])))
+  if "z_pdf" in pred and z_edges is not None and has_z.any():
+    out["z_crps"] = float(np.mean(crps(pred["z_pdf"][has_z], z_edges, pred["z"][has_z])))
+    counts, _ = np.histogram(pit(pred["z_pdf"][has_z], z_edges, pred["z"][has_z]), bins=10,
+                             range=(0, 1))
+    # Calibrated PDFs give a flat PIT histogram: report its largest departure from flat.
+    out["z_pit_max_deviation"] = float(np.max(np.abs(counts / counts.sum() - 0.1)))
   return out
+
+
+def z_edges(model) -> np.ndarray:
+  """Edges (num_z_bins + 1,) of the model's redshift bins, uniform on [0, z_max]."""
+  return np.linspace(0.0, model.z_max, model.num_z_bins + 1)
 
 
 def evaluate_model(model, params, eval_step, batches, mesh, config) -> dict[str, Any]:
   """Predictions and scalar metrics of `model` on the batches of one split."""
   del config
   pred = collect_predictions(eval_step, params, batches, mesh, model)
-  return {"scalars": scalar_metrics(pred, model), "predictions": pred}
+  return {"scalars": scalar_metrics(pred, z_edges(model)), "predictions": pred}
+
+
+# ---------------------------------------------------------------- ASTRA beside the baselines
+
+#: (metric key, label, which way is better) of the results table.
+TABLE_ROWS = (
+    ("spectrum_r2", "spectrum R^2 (normalised, valid pixels)", "higher"),
+    ("spectrum_mse", "spectrum weighted MSE (normalised)", "lower"),
+    ("spectrum_reduced_chi2", "spectrum reduced chi^2", "lower"),
+    ("band_g_frac_error", "synthetic g flux |frac. error| (median)", "lower"),
+    ("band_r_frac_error", "synthetic r flux |frac. error| (median)", "lower"),
+    ("band_i_frac_error", "synthetic i flux |frac. error| (median)", "lower"),
+    ("band_z_frac_error", "synthetic z flux |frac. error| (median)", "lower"),
+    ("z_mean_sigma_mad", "redshift sigma_MAD (PDF mean)", "lower"),
+    ("z_mean_outlier_fraction", "redshift outlier fraction eta (|dz|>0.05)", "lower"),
+    ("z_mean_bias", "redshift bias median(dz)", "closer to 0"),
+    ("z_mode_sigma_mad", "redshift sigma_MAD (PDF mode)", "lower"),
+    ("z_crps", "redshift CRPS", "lower"),
+    ("z_pit_max_deviation", "PIT histogram max |deviation| from flat", "lower"),
+)
+PREDICTORS = ("ASTRA", "mean spectrum", "colour kNN")
+
+
+def compare_with_baselines(dataset_dir: str, astra_scalars: dict[str, float], split: str = "test",
+                           train_split: str = "train") -> dict[str, dict[str, float]]:
+  """Scores both baselines (fitted on `train_split`) on `split`: {predictor: scalars}."""
+  from astra_jax import baselines  # pylint: disable=g-import-not-at-top
+  train_data = baselines.load_split(dataset_dir, train_split)
+  data = baselines.load_split(dataset_dir, split)
+  return {
+      "ASTRA": astra_scalars,
+      "mean spectrum": scalar_metrics(baselines.MeanSpectrum().fit(train_data).predict(data)),
+      "colour kNN": scalar_metrics(baselines.ColourKNN().fit(train_data).predict(data)),
+  }
+
+
+def results_markdown(results: dict[str, dict[str, float]], split: str = "test") -> str:
+  """The side-by-side table of `compare_with_baselines`, as Markdown."""
+  n = int(results["ASTRA"].get("z_mean_n", 0))
+  lines = [f"| {split} split ({n} galaxies) | better | " + " | ".join(PREDICTORS) + " |",
+           "|---|---|" + "---:|" * len(PREDICTORS)]
+  for key, label, better in TABLE_ROWS:
+    values = [results[p].get(key) for p in PREDICTORS]
+    if all(v is None for v in values):
+      continue
+    cells = ["–" if v is None or not np.isfinite(v) else f"{v:.4g}" for v in values]
+    lines.append(f"| {label} | {better} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def write_results(workdir: str, results: dict[str, dict[str, float]], split: str = "test") -> str:
+  """results.json and results.md in `workdir`; returns the Markdown table."""
+  import json  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  table = results_markdown(results, split)
+  with open(os.path.join(workdir, "results.json"), "w") as f:
+    json.dump({"split": split, "results": results}, f, indent=2, sort_keys=True)
+  with open(os.path.join(workdir, "results.md"), "w") as f:
+    f.write(f"# ASTRA and baselines on the {split} split\n\n{table}\n")
+  return table

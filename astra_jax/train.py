@@ -402,15 +402,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     writer.close()
     raise SystemExit(128 + stop["signal"])
 
-  results = {"scalars": {}, "predictions": {}}
+  results = {"scalars": {}, "predictions": {}, "table": ""}
   if "test" in splits:
     results = evaluate.evaluate_model(model, state.params, eval_step, eval_batches("test"), mesh,
                                       config)
     writer.write(config.num_train_steps, "test", results["scalars"])
+    if jax.process_index() == 0:
+      compared = evaluate.compare_with_baselines(dataset_dir, results["scalars"])
+      results["baselines"] = compared
+      results["table"] = evaluate.write_results(workdir, compared)
   writer.close()
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "test_metrics.json"), "w") as f:
-      json.dump(results["scalars"], f, indent=2, sort_keys=True)
   latest.close()
   best.close()
   return results
@@ -433,9 +434,14 @@ def _check_and_log(step: int, metrics, writer: MetricWriter, bar, config):
   bar.set_postfix(loss=f"{values['loss']:.4f}", refresh=False)
 
 
-def format_results(scalars: dict[str, float]) -> str:
-  """A readable block of the test-split metrics."""
-  lines = ["Test-split metrics:"]
+def format_results(results: dict[str, Any]) -> str:
+  """The test-split metrics of ASTRA, then the table beside the baselines."""
+  scalars = results["scalars"]
+  if not scalars:
+    return "No test split: nothing evaluated."
+  lines = ["Test-split metrics of ASTRA:"]
   for k in sorted(scalars):
     lines.append(f"  {k:<32s} {scalars[k]:.5g}")
+  if results.get("table"):
+    lines += ["", results["table"]]
   return "\n".join(lines)

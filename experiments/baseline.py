@@ -34,7 +34,7 @@ def main(argv):
                jax.device_count(), jax.default_backend(), jax.process_count())
   results = train.train_and_evaluate(config, _WORKDIR.value)
   if jax.process_index() == 0:
-    print(train.format_results(results["scalars"]))
+    print(train.format_results(results))
 
 
 if __name__ == "__main__":

@@ -162,6 +162,11 @@ def test_train_and_evaluate_end_to_end_and_resume(tmp_path):
   for key in ("spectrum_r2", "spectrum_mse", "z_mean_sigma_mad", "z_mean_outlier_fraction",
               "z_mean_bias", "z_crps"):
     assert key in scalars and np.isfinite(scalars[key]), key
+  table = open(os.path.join(workdir, "results.md")).read()
+  assert "| ASTRA | mean spectrum | colour kNN |" in table and "sigma_MAD" in table
+  compared = json.load(open(os.path.join(workdir, "results.json")))["results"]
+  assert set(compared) == {"ASTRA", "mean spectrum", "colour kNN"}
+  assert compared["ASTRA"] == pytest.approx(scalars, nan_ok=True)
   saved = json.load(open(os.path.join(workdir, "config.json")))
   assert saved["model"]["dim"] == config.model.dim and saved["data_dir"]
   lines = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]

@@ -1,0 +1,228 @@
+"""ASTRA: multi-band image -> (normalised spectrum, log10 normalisation, redshift PDF) transformer.
+
+images (B, bands, H, W) -> PatchCNN -> (B, N, dim) patch tokens, N = (H/p)(W/p)
+  -> TransformerEncoder (2-D sin-cos positions, appended summary token, pre-norm blocks)
+  -> summary token (B, dim) -> SpectrumDecoder (spectrum (B, num_pixels), log_norm (B,))
+                            -> RedshiftHead (z_logits (B, num_z_bins)).
+The spectrum is on the fixed grid of `astra_jax.grid` (4000 pixels), divided by the per-galaxy
+normalisation of `astra_jax.losses.normalise_spectrum`; `log_norm` predicts log10 of that
+normalisation, so `losses.denormalise(spectrum, log_norm)` gives flux in 1e-17 erg/s/cm^2/Angstrom.
+"""
+
+import dataclasses
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from astra_jax.grid import NUM_PIXELS
+from astra_jax.models.common import (Dtype, canonical_dtype, conv_general_dilated_f32_acc,
+                                     dot_general_f32_acc)
+from astra_jax.models.transformer import TransformerEncoder
+
+PATCH_EMBEDDINGS = ("conv2d", "conv1d", "linear")
+DEFAULT_NUM_Z_BINS = 180
+DEFAULT_Z_MAX = 0.6
+
+
+def patch_grid(image_hw: Tuple[int, int], patch_size: int) -> Tuple[int, int]:
+  """(grid_h, grid_w) = (H / patch_size, W / patch_size); (288, 288), 16 -> (18, 18): 324 tokens."""
+  height, width = image_hw
+  if height % patch_size or width % patch_size:
+    raise ValueError(f"image size {(height, width)} is not divisible by patch_size={patch_size}")
+  return height // patch_size, width // patch_size
+
+
+def _check_patch_embedding(value: str) -> None:
+  if value not in PATCH_EMBEDDINGS:
+    raise ValueError(f"patch_embedding must be one of {PATCH_EMBEDDINGS}, got {value!r}")
+
+
+class PatchCNN(nn.Module):
+  """Learned patch embedding: images (B, C, H, W) -> tokens (B, N, dim) in `dtype`.
+
+  Patching is a reshape inside the model: (B, C, H, W) -> (B*N, p, p, C), patches in row-major grid
+  order (token = row * grid_w + col), N = (H/p)(W/p). The patches are folded into the batch dim, so
+  every patch goes through the same learned weights. `patch_embedding` selects:
+    "conv2d": 2-D convs (kernel_size x kernel_size, SAME, ReLU) with `features` channels over each
+              p x p x C patch, flatten, Dense(dim).
+    "conv1d": the seed's variant: 1-D convs (kernel_size, SAME, ReLU) over the p*p row-major
+              flattened pixels with the C bands as channels, flatten, Dense(dim) (like-with-like
+              timing against the seed).
+    "linear": ViT-style Dense(dim) of the flattened p*p*C patch (no convolution).
+  """
+  patch_size: int = 16
+  dim: int = 256
+  patch_embedding: str = "conv2d"
+  features: Sequence[int] = (32, 64)
+  kernel_size: int = 3
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  def __post_init__(self):
+    _check_patch_embedding(self.patch_embedding)
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(self, images: jax.Array) -> jax.Array:
+    batch, bands, height, width = images.shape
+    grid_h, grid_w = patch_grid((height, width), self.patch_size)
+    p = self.patch_size
+    x = images.astype(self.dtype).reshape(batch, bands, grid_h, p, grid_w, p)
+    x = x.transpose(0, 2, 4, 3, 5, 1).reshape(batch * grid_h * grid_w, p, p, bands)
+    if self.patch_embedding == "conv1d":
+      x = x.reshape(batch * grid_h * grid_w, p * p, bands)
+    if self.patch_embedding in ("conv2d", "conv1d"):
+      ndim = 2 if self.patch_embedding == "conv2d" else 1
+      for i, features in enumerate(self.features):
+        x = nn.Conv(features, (self.kernel_size,) * ndim, padding="SAME", dtype=self.dtype,
+                    param_dtype=self.param_dtype, conv_general_dilated=conv_general_dilated_f32_acc,
+                    name=f"conv_{i}")(x)
+        x = nn.relu(x)
+    x = x.reshape(batch, grid_h * grid_w, -1)
+    return nn.Dense(self.dim, dtype=self.dtype, param_dtype=self.param_dtype,
+                    dot_general=dot_general_f32_acc, name="proj")(x)
+
+
+class SpectrumDecoder(nn.Module):
+  """Summary token (B, D) -> (spectrum (B, num_pixels) float32, log_norm (B,) float32).
+
+  Dense(hidden) -> ReLU -> Dense(num_pixels): the normalised spectrum (flux / norm, dimensionless);
+  a Dense(1) on the same hidden features predicts log10(norm / (1e-17 erg/s/cm^2/Angstrom)). Both
+  output layers compute in float32 (small, and a bf16 spectrum would carry ~0.4% rounding error).
+  """
+  num_pixels: int = NUM_PIXELS
+  hidden: int = 2048
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, summary: jax.Array) -> Tuple[jax.Array, jax.Array]:
+    h = nn.Dense(self.hidden, dtype=self.dtype, param_dtype=self.param_dtype,
+                 dot_general=dot_general_f32_acc, name="hidden")(summary)
+    h = nn.relu(h)
+    spectrum = nn.Dense(self.num_pixels, dtype=jnp.float32, param_dtype=self.param_dtype,
+                        name="spectrum")(h)
+    log_norm = nn.Dense(1, dtype=jnp.float32, param_dtype=self.param_dtype, name="log_norm")(h)
+    return spectrum, log_norm[:, 0]
+
+
+class RedshiftHead(nn.Module):
+  """Summary token (B, D) -> logits (B, num_bins) float32 over redshift bins (see `z_bin_centers`).
+
+  Dense(hidden or D) -> GELU -> Dense(num_bins); softmax of the logits is the redshift PDF
+  (classification as in Pasquet et al. 2019).
+  """
+  num_bins: int = DEFAULT_NUM_Z_BINS
+  hidden: Optional[int] = None
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, summary: jax.Array) -> jax.Array:
+    h = nn.Dense(self.hidden or summary.shape[-1], dtype=self.dtype, param_dtype=self.param_dtype,
+                 dot_general=dot_general_f32_acc, name="hidden")(summary)
+    h = nn.gelu(h, approximate=False)
+    return nn.Dense(self.num_bins, dtype=jnp.float32, param_dtype=self.param_dtype,
+                    name="logits")(h)
+
+
+def z_bin_centers(num_bins: int = DEFAULT_NUM_Z_BINS, z_max: float = DEFAULT_Z_MAX) -> np.ndarray:
+  """Centres of `num_bins` equal-width bins tiling [0, z_max], shape (num_bins,), float32."""
+  width = z_max / num_bins
+  return ((np.arange(num_bins, dtype=np.float64) + 0.5) * width).astype(np.float32)
+
+
+def z_pdf_stats(logits: jax.Array, centers: jax.Array) -> Dict[str, jax.Array]:
+  """Redshift PDF summaries of logits (B, num_bins) on bin centres (num_bins,).
+
+  Returns a float32 dict: `pdf` (B, num_bins) = softmax(logits) (sums to 1), `mean` (B,) =
+  sum(pdf * z), `mode` (B,) = centre of the argmax bin, `std` (B,) = sqrt(sum(pdf * (z - mean)^2)).
+  """
+  pdf = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+  centers = jnp.asarray(centers, jnp.float32)
+  mean = jnp.sum(pdf * centers, axis=-1)
+  mode = centers[jnp.argmax(pdf, axis=-1)]
+  std = jnp.sqrt(jnp.sum(pdf * (centers - mean[:, None]) ** 2, axis=-1))
+  return dict(pdf=pdf, mean=mean, mode=mode, std=std)
+
+
+class Astra(nn.Module):
+  """The full model; defaults are the seed's (dim 1280, 6 layers, 8 heads, 16-pixel patches).
+
+  `__call__(images (B, bands, H, W), *, train, return_attention=False)` returns a dict of float32:
+    spectrum (B, num_pixels): the normalised spectrum (flux / norm),
+    log_norm (B,): log10(norm / (1e-17 erg/s/cm^2/Angstrom)),
+    z_logits (B, num_z_bins): logits over `z_bin_centers(num_z_bins, z_max)`,
+    attention (B, num_heads, H/p, W/p), only if return_attention: the last block's attention of the
+      summary token over the patch grid (for maps overlaid on the images).
+  Dropout (train=True only) draws from the "dropout" rng collection. Every block's full attention
+  weights (B, num_heads, N+1, N+1) are also sown, as a 1-tuple, at
+  `intermediates/encoder/block_{i}/attention_weights` (pass `mutable=["intermediates"]`).
+  `dtype` is the compute dtype (bf16 matmuls accumulate in float32), `param_dtype` the parameter
+  dtype; outputs are float32 either way.
+  """
+  patch_size: int = 16
+  dim: int = 1280
+  num_layers: int = 6
+  num_heads: int = 8
+  mlp_ratio: int = 4
+  dropout: float = 0.1
+  decoder_hidden: int = 2048
+  num_pixels: int = NUM_PIXELS
+  num_z_bins: int = DEFAULT_NUM_Z_BINS
+  z_max: float = DEFAULT_Z_MAX
+  patch_embedding: str = "conv2d"
+  cnn_features: Sequence[int] = (32, 64)
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  def __post_init__(self):
+    _check_patch_embedding(self.patch_embedding)
+    super().__post_init__()
+
+  @classmethod
+  def from_config(cls, model_config: Mapping[str, Any], dtype: Any = None) -> "Astra":
+    """Builds from a dict/ConfigDict whose keys are a subset of the fields; unknown keys raise.
+
+    `dtype` (a dtype or "float32"/"bfloat16"), if given, overrides the config's compute dtype.
+    """
+    if hasattr(model_config, "to_dict"):
+      model_config = model_config.to_dict()
+    kwargs = dict(model_config)
+    fields = {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
+    unknown = sorted(set(kwargs) - fields)
+    if unknown:
+      raise ValueError(f"unknown Astra model config keys {unknown}; allowed: {sorted(fields)}")
+    if dtype is not None:
+      kwargs["dtype"] = dtype
+    for key in ("dtype", "param_dtype"):
+      if key in kwargs:
+        kwargs[key] = canonical_dtype(kwargs[key])
+    if "cnn_features" in kwargs:
+      kwargs["cnn_features"] = tuple(kwargs["cnn_features"])
+    return cls(**kwargs)
+
+  def z_centers(self) -> np.ndarray:
+    """Redshift bin centres (num_z_bins,) float32 that `z_logits` refer to."""
+    return z_bin_centers(self.num_z_bins, self.z_max)
+
+  @nn.compact
+  def __call__(self, images: jax.Array, *, train: bool,
+               return_attention: bool = False) -> Dict[str, jax.Array]:
+    grid_shape = patch_grid(images.shape[2:], self.patch_size)
+    tokens = PatchCNN(self.patch_size, self.dim, self.patch_embedding, tuple(self.cnn_features),
+                      dtype=self.dtype, param_dtype=self.param_dtype, name="embed")(images)
+    _, summary, attention = TransformerEncoder(
+        self.num_layers, self.num_heads, self.mlp_ratio, self.dropout, dtype=self.dtype,
+        param_dtype=self.param_dtype, name="encoder")(tokens, grid_shape, train=train)
+    spectrum, log_norm = SpectrumDecoder(self.num_pixels, self.decoder_hidden, dtype=self.dtype,
+                                         param_dtype=self.param_dtype, name="decoder")(summary)
+    z_logits = RedshiftHead(self.num_z_bins, dtype=self.dtype, param_dtype=self.param_dtype,
+                            name="redshift")(summary)
+    outputs = dict(spectrum=spectrum, log_norm=log_norm, z_logits=z_logits)
+    if return_attention:
+      outputs["attention"] = attention
+    return outputs

@@ -1,0 +1,54 @@
+"""Mixed-precision helpers shared by the ASTRA modules.
+
+Convention: `dtype` is the compute dtype of matmuls/convolutions (float32 or bfloat16),
+`param_dtype` the storage dtype of parameters (float32). In bfloat16 mode every matmul and
+convolution takes bf16 operands but accumulates in float32 (`preferred_element_type=jnp.float32`)
+and casts the result back to bf16; LayerNorm statistics, softmax, the residual stream and all model
+outputs stay float32.
+"""
+
+from typing import Any
+
+import jax.numpy as jnp
+from jax import lax
+
+Dtype = Any
+
+
+def dot_general_f32_acc(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+  """`lax.dot_general` with float32 accumulation, result cast to the operands' dtype.
+
+  Drop-in for the `dot_general` hook of `nn.Dense`/`nn.DenseGeneral`. For float32 operands this is
+  plain `lax.dot_general`; for bf16 operands it accumulates in float32 (more accurate, and on some
+  backends faster than a bf16-output dot) and returns bf16 so downstream ops stay in bf16.
+  """
+  del preferred_element_type  # Always float32 accumulation; the output dtype follows the operands.
+  out_dtype = jnp.result_type(lhs, rhs)
+  out = lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                        preferred_element_type=jnp.float32)
+  return out.astype(out_dtype)
+
+
+def conv_general_dilated_f32_acc(lhs, rhs, *args, preferred_element_type=None, **kwargs):
+  """`lax.conv_general_dilated` with float32 accumulation, result cast to the operands' dtype.
+
+  Drop-in for the `conv_general_dilated` hook of `nn.Conv` (same contract as `dot_general_f32_acc`).
+  """
+  del preferred_element_type
+  out_dtype = jnp.result_type(lhs, rhs)
+  out = lax.conv_general_dilated(lhs, rhs, *args, preferred_element_type=jnp.float32, **kwargs)
+  return out.astype(out_dtype)
+
+
+def einsum_f32_acc(subscripts: str, *operands, dtype: Dtype):
+  """`jnp.einsum` with float32 accumulation, result cast to `dtype`."""
+  out = jnp.einsum(subscripts, *operands, preferred_element_type=jnp.float32)
+  return out.astype(dtype)
+
+
+def canonical_dtype(dtype: Any) -> jnp.dtype:
+  """`jnp.dtype` of a dtype or its name ("float32", "bfloat16", "bf16", "fp32")."""
+  aliases = {"bf16": "bfloat16", "fp32": "float32", "f32": "float32"}
+  if isinstance(dtype, str):
+    dtype = aliases.get(dtype, dtype)
+  return jnp.dtype(dtype)

@@ -1,0 +1,271 @@
+"""Tests of the ASTRA Flax modules (tiny shapes, CPU).
+
+Everything is jitted and initialised from "rbg" keys: on a small CPU, eager op-by-op dispatch and
+threefry-based initialisers dominate the runtime (compile time), not the arithmetic.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from astra_jax.models import (Astra, MultiHeadAttention, PatchCNN, TransformerBlock,
+                              TransformerEncoder, patch_grid, sincos_2d, z_bin_centers, z_pdf_stats)
+
+BANDS = 5
+TINY = dict(patch_size=8, dim=32, num_layers=2, num_heads=4, decoder_hidden=64, num_pixels=4000,
+            num_z_bins=20, cnn_features=(8, 16))
+
+
+def _key(seed=0):
+  return jax.random.key(seed, impl="rbg")
+
+
+def _images(batch=2, size=32, seed=0):
+  images = np.random.default_rng(seed).normal(size=(batch, BANDS, size, size))
+  return jnp.asarray(images, jnp.float32)
+
+
+def _init(module, *args, **kwargs):
+  return jax.jit(lambda key, *a: module.init(key, *a, **kwargs))(_key(), *args)["params"]
+
+
+def _apply(module, **kwargs):
+  """Jitted `module.apply({"params": p}, *args, **kwargs)`; an rng arg feeds "dropout"."""
+  def apply(params, *args, rng=None):
+    rngs = {} if rng is None else {"dropout": rng}
+    return module.apply({"params": params}, *args, rngs=rngs, **kwargs)
+  return jax.jit(apply)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  """Tiny float32 model, its params, images (2, 5, 32, 32) and jitted apply functions (each compiled
+  once per module): "eval" (train=False, attention map and sown intermediates), "train", and
+  "eval_bf16" (the same params in a bfloat16-compute model)."""
+  model = Astra(**TINY)
+  images = _images()
+  fns = dict(
+      eval=_apply(model, train=False, return_attention=True, mutable=["intermediates"]),
+      train=_apply(model, train=True),
+      eval_bf16=_apply(Astra(**TINY, dtype=jnp.bfloat16), train=False, return_attention=True,
+                       mutable=["intermediates"]))
+  return model, _init(model, images, train=False), images, fns
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_astra_output_shapes_and_dtypes(tiny, dtype):
+  _, params, images, fns = tiny
+  model = Astra(**TINY, dtype=dtype)
+  # Initialising in bf16 mode must still give float32 parameters.
+  bf16_params = jax.eval_shape(lambda x: model.init(_key(), x, train=False), images)["params"]
+  assert {x.dtype for x in jax.tree.leaves(bf16_params)} == {jnp.dtype(jnp.float32)}
+  assert jax.tree.map(lambda x: x.shape, bf16_params) == jax.tree.map(lambda x: x.shape, params)
+  out, _ = fns["eval" if dtype == jnp.float32 else "eval_bf16"](params, images)
+  assert set(out) == {"spectrum", "log_norm", "z_logits", "attention"}
+  assert out["spectrum"].shape == (2, 4000) and out["spectrum"].dtype == jnp.float32
+  assert out["log_norm"].shape == (2,) and out["log_norm"].dtype == jnp.float32
+  assert out["z_logits"].shape == (2, 20) and out["z_logits"].dtype == jnp.float32
+  assert out["attention"].shape == (2, 4, 4, 4) and out["attention"].dtype == jnp.float32
+  assert all(bool(jnp.all(jnp.isfinite(v))) for v in out.values())
+  assert "attention" not in jax.eval_shape(_apply(model, train=False), params, images)
+
+
+def test_patch_grid_and_token_count_at_full_size():
+  assert patch_grid((288, 288), 16) == (18, 18)
+  assert patch_grid((32, 48), 8) == (4, 6)
+  with pytest.raises(ValueError, match="divisible"):
+    patch_grid((30, 32), 8)
+  model = Astra(patch_size=16, dim=32, num_layers=1, num_heads=4, decoder_hidden=16)
+  images = jax.ShapeDtypeStruct((2, BANDS, 288, 288), jnp.float32)
+  variables = jax.eval_shape(lambda x: model.init(_key(), x, train=False), images)
+
+  def apply(variables, x):
+    return model.apply(variables, x, train=False, return_attention=True, mutable=["intermediates"])
+
+  out, state = jax.eval_shape(apply, variables, images)
+  assert out["attention"].shape == (2, 4, 18, 18)
+  # 18 * 18 = 324 patch tokens + 1 summary token.
+  (weights,) = state["intermediates"]["encoder"]["block_0"]["attention_weights"]
+  assert weights.shape == (2, 4, 325, 325)
+
+
+def test_summary_attention_is_a_distribution_over_the_grid(tiny):
+  _, params, images, fns = tiny
+  out, state = fns["eval"](params, images)
+  last_block = f"block_{TINY['num_layers'] - 1}"
+  (last,) = state["intermediates"]["encoder"][last_block]["attention_weights"]
+  np.testing.assert_allclose(np.sum(last, axis=-1), 1.0, rtol=1e-5)
+  # The map is the last query row (the appended summary token) without its self-attention column.
+  np.testing.assert_allclose(out["attention"].reshape(2, 4, 16), last[:, :, -1, :16], rtol=1e-6)
+  assert bool(jnp.all(out["attention"] >= 0)) and bool(jnp.all(out["attention"].sum((2, 3)) < 1))
+
+
+def test_sincos_2d():
+  pe = sincos_2d(3, 4, 16)
+  assert pe.shape == (12, 16) and pe.dtype == np.float32
+  # Token 0 is row 0, col 0: all sin channels 0, all cos channels 1.
+  np.testing.assert_allclose(pe[0], np.repeat([0.0, 1.0, 0.0, 1.0], 4), atol=1e-7)
+  # Row-major: token 5 = (row 1, col 1); first channel = sin(col * 1), channel 8 = sin(row * 1).
+  np.testing.assert_allclose([pe[5, 0], pe[5, 8], pe[2, 0], pe[2, 8]],
+                             [np.sin(1), np.sin(1), np.sin(2), 0.0], atol=1e-6)
+  assert len({row.tobytes() for row in pe}) == 12
+  with pytest.raises(ValueError, match="multiple of 4"):
+    sincos_2d(2, 2, 10)
+
+
+def _zero_leaves(params, names):
+  flat = traverse_util.flatten_dict(params)
+  flat = {k: (jnp.zeros_like(v) if any(n in k for n in names) else v) for k, v in flat.items()}
+  return traverse_util.unflatten_dict(flat)
+
+
+def test_transformer_block_residual_path():
+  block = TransformerBlock(num_heads=4, dropout=0.0)
+  x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 7, 32)), jnp.float32)
+  params = _init(block, x, train=False)
+  apply = _apply(block, train=False)
+  y, weights = apply(params, x)
+  assert weights.shape == (2, 4, 7, 7)
+  assert float(jnp.max(jnp.abs(y - x))) > 1e-2  # the branches do something
+  # Zeroing the attention output and MLP output projections leaves exactly the residual path.
+  identity = _zero_leaves(params, ["out", "mlp_out"])
+  y0, _ = apply(identity, x)
+  np.testing.assert_array_equal(y0, x)
+  # With only the MLP zeroed, the block is x + MHA(LN(x)) with its own attention submodule.
+  no_mlp = _zero_leaves(params, ["mlp_out"])
+  y1, _ = apply(no_mlp, x)
+
+  @jax.jit
+  def attention_branch(params, x):
+    h = nn.LayerNorm().apply({"params": params["ln_attn"]}, x)
+    return MultiHeadAttention(4).apply({"params": params["attn"]}, h)[0]
+
+  attn = attention_branch(params, x)
+  np.testing.assert_allclose(y1, x + attn, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("embedding", ["conv2d", "conv1d", "linear"])
+def test_patch_cnn_deterministic_local_and_differentiable(embedding):
+  cnn = PatchCNN(patch_size=8, dim=16, patch_embedding=embedding, features=(4, 8))
+  images = _images()
+  params = _init(cnn, images)
+  apply = _apply(cnn)
+  tokens = apply(params, images)
+  assert tokens.shape == (2, 16, 16)
+  # Same params and input -> bit-identical output (the seed re-drew its CNN per sample).
+  np.testing.assert_array_equal(tokens, apply(params, images))
+  # Patching is a reshape: changing patch (row 1, col 2) of image 0 changes token 1 * 4 + 2 only.
+  bumped = images.at[0, :, 8:16, 16:24].add(1.0)
+  changed = np.any(np.asarray(apply(params, bumped) != tokens), axis=-1)
+  expected = np.zeros((2, 16), bool)
+  expected[0, 6] = True
+  np.testing.assert_array_equal(changed, expected)
+  # Gradients exist and are non-zero for every parameter and for the input.
+  loss = lambda p, x: jnp.sum(cnn.apply({"params": p}, x) ** 2)
+  grads_p, grads_x = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, images)
+  for g in jax.tree.leaves(grads_p) + [grads_x]:
+    assert bool(jnp.all(jnp.isfinite(g))) and float(jnp.max(jnp.abs(g))) > 0
+
+
+@pytest.mark.parametrize("embedding", ["conv2d", "conv1d", "linear"])
+def test_astra_patch_embedding_variants(embedding):
+  # Shapes only (abstract evaluation); PatchCNN is run for real in the test above.
+  model = Astra(**{**TINY, "patch_size": 16, "patch_embedding": embedding})
+  out, params = jax.eval_shape(lambda x: model.init_with_output(_key(), x, train=False), _images())
+  assert out["spectrum"].shape == (2, 4000) and out["spectrum"].dtype == jnp.float32
+  proj = params["params"]["embed"]["proj"]["kernel"]
+  in_features = {"conv2d": 16 * 16 * 16, "conv1d": 16 * 16 * 16, "linear": 16 * 16 * BANDS}
+  assert proj.shape == (in_features[embedding], 32)
+  assert ("conv_0" in params["params"]["embed"]) == (embedding != "linear")
+
+
+def test_invalid_patch_embedding_raises():
+  with pytest.raises(ValueError, match="patch_embedding.*conv2d"):
+    Astra(**{**TINY, "patch_embedding": "conv3d"})
+  with pytest.raises(ValueError, match="patch_embedding"):
+    PatchCNN(patch_embedding="vit")
+
+
+def test_dropout_only_in_training(tiny):
+  _, params, images, fns = tiny
+  apply = lambda train, seed: (fns["train"](params, images, rng=_key(seed))["spectrum"] if train
+                               else fns["eval"](params, images, rng=_key(seed))[0]["spectrum"])
+  # Eval needs no rng and ignores one.
+  np.testing.assert_array_equal(fns["eval"](params, images)[0]["spectrum"], apply(False, 1))
+  np.testing.assert_array_equal(apply(False, 1), apply(False, 2))
+  np.testing.assert_array_equal(apply(True, 1), apply(True, 1))
+  assert float(jnp.max(jnp.abs(apply(True, 1) - apply(True, 2)))) > 1e-4
+  assert float(jnp.max(jnp.abs(apply(True, 1) - apply(False, 1)))) > 1e-4
+
+
+def test_bf16_forward_matches_fp32(tiny):
+  _, params, images, fns = tiny
+  (out32, _), (out16, _) = fns["eval"](params, images), fns["eval_bf16"](params, images)
+  # Stated tolerance: bf16 has an 8-bit mantissa (rel. rounding 2^-9 ~ 0.2% per op); after a few
+  # layers the outputs agree to within 5% of their scale.
+  for key in ("spectrum", "log_norm", "z_logits"):
+    scale = float(jnp.max(jnp.abs(out32[key])))
+    err = float(jnp.max(jnp.abs(out16[key] - out32[key])))
+    assert err <= 0.05 * scale, (key, err, scale)
+    assert err > 0  # really computed in bf16
+  pdf32 = z_pdf_stats(out32["z_logits"], z_bin_centers(20))["pdf"]
+  pdf16 = z_pdf_stats(out16["z_logits"], z_bin_centers(20))["pdf"]
+  np.testing.assert_allclose(pdf16, pdf32, atol=0.01)
+
+
+def test_bf16_gradients_are_float32_and_finite():
+  config = dict(TINY, num_layers=1, patch_embedding="linear")  # small: this is about dtypes
+  images = _images()
+  params = _init(Astra(**config), images, train=False)
+  model = Astra(**config, dtype=jnp.bfloat16)
+  loss = lambda p: jnp.mean(model.apply({"params": p}, images, train=True,
+                                        rngs={"dropout": _key()})["spectrum"] ** 2)
+  grads = jax.jit(jax.grad(loss))(params)
+  for g in jax.tree.leaves(grads):
+    assert g.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(g)))
+  assert float(jnp.max(jnp.abs(grads["embed"]["proj"]["kernel"]))) > 0
+
+
+def test_z_bin_centers():
+  centers = z_bin_centers(180, 0.6)
+  assert centers.shape == (180,) and centers.dtype == np.float32
+  np.testing.assert_allclose(centers[[0, 1, -1]], [0.6 / 360, 0.6 / 360 * 3, 0.6 - 0.6 / 360],
+                             rtol=1e-6)
+  np.testing.assert_allclose(Astra(**TINY, z_max=0.3).z_centers(), z_bin_centers(20, 0.3))
+
+
+def test_z_pdf_stats_hand_case():
+  centers = jnp.array([0.1, 0.3, 0.5])
+  logits = jnp.log(jnp.array([[0.2, 0.5, 0.3], [0.6, 0.1, 0.3]])) + 7.0  # shift-invariant
+  stats = z_pdf_stats(logits, centers)
+  np.testing.assert_allclose(stats["pdf"], [[0.2, 0.5, 0.3], [0.6, 0.1, 0.3]], rtol=1e-5)
+  np.testing.assert_allclose(stats["pdf"].sum(-1), 1.0, rtol=1e-6)
+  np.testing.assert_allclose(stats["mean"], [0.02 + 0.15 + 0.15, 0.06 + 0.03 + 0.15], rtol=1e-5)
+  np.testing.assert_allclose(stats["mode"], [0.3, 0.1], rtol=1e-6)
+  std0 = np.sqrt(0.2 * 0.22**2 + 0.5 * 0.02**2 + 0.3 * 0.18**2)
+  np.testing.assert_allclose(stats["std"][0], std0, rtol=1e-5)
+
+
+def test_encoder_returns_sequence_and_summary():
+  encoder = TransformerEncoder(num_layers=2, num_heads=2, dropout=0.0)
+  tokens = jnp.asarray(np.random.default_rng(0).normal(size=(3, 6, 8)), jnp.float32)
+  (seq, summary, attention), _ = jax.jit(
+      lambda key, x: encoder.init_with_output(key, x, (2, 3), train=False))(_key(), tokens)
+  assert seq.shape == (3, 7, 8) and summary.shape == (3, 8) and attention.shape == (3, 2, 2, 3)
+  np.testing.assert_array_equal(summary, seq[:, -1])
+  with pytest.raises(ValueError, match="grid_shape"):
+    jax.eval_shape(lambda x: encoder.init(_key(), x, (2, 2), train=False), tokens)
+
+
+def test_from_config():
+  config = ml_collections.ConfigDict(dict(TINY, cnn_features=[8, 16]))
+  model = Astra.from_config(config, "bfloat16")
+  assert model.dtype == jnp.bfloat16 and model.param_dtype == jnp.float32
+  assert model.cnn_features == (8, 16) and model.dim == 32
+  assert Astra.from_config({"dim": 64}).dtype == jnp.float32
+  with pytest.raises(ValueError, match="unknown.*num_layer"):
+    Astra.from_config({"num_layer": 3})

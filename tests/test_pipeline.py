@@ -66,13 +66,16 @@ def test_dihedral_gives_eight_distinct_images():
   assert len(outs) == 8
 
 
-def test_hosts_read_disjoint_examples(tiny_dataset):
-  host = lambda i: batches(tiny_dataset, 2, process_index=i, process_count=2, augment=False)
-  h0, h1 = host(0), host(1)
-  assert h0[0]["image"].shape[0] == 2
-  s0 = {float(x) for b in h0 for x in b["flux"].sum(1)}
-  s1 = {float(x) for b in h1 for x in b["flux"].sum(1)}
-  assert not s0 & s1
+def test_two_hosts_together_read_the_one_host_batches(tiny_dataset):
+  single = batches(tiny_dataset, 6)
+  hosts = [batches(tiny_dataset, 6, process_index=i, process_count=2) for i in (0, 1)]
+  assert hosts[0][0]["image"].shape[0] == 2
+  for k, one in enumerate(single):
+    for key in one:
+      np.testing.assert_array_equal(
+          np.concatenate([hosts[0][k][key], hosts[1][k][key]]), one[key], err_msg=f"{k} {key}")
+  (resumed,) = batches(tiny_dataset, 1, process_index=1, process_count=2, start_step=5)
+  np.testing.assert_array_equal(resumed["image"], hosts[1][5]["image"])
 
 
 def test_eval_pads_to_whole_batches_with_a_mask(tiny_dataset):

@@ -1,14 +1,14 @@
 """tf.data input pipeline over the prepared `astropixel` shards; numpy batches out.
 
-Training stream. Each host reads every `process_count`-th record of the split (so hosts never
-share an example) and concatenates epochs forever. Epoch `e` shuffles the shard files with a
-stateless seed from (seed, e), then shuffles records with a buffer seeded by (seed, e), and
-augments record `i` of the epoch with a stateless seed from (seed, e, i). The stream is therefore a
-pure function of the seed, and step `k` of the run always sees per-host records
-`[k*b, (k+1)*b)` of it (b = global batch / process count). To resume at step k the pipeline
-starts directly at epoch `k*b // n` (n records per host) and skips the first `k*b % n` records
-of that epoch while they are still serialised bytes: earlier epochs are never read and nothing
-is decoded or augmented twice.
+Training stream. Every host builds the same global record stream: epochs concatenated forever,
+epoch `e` shuffling the shard files with a stateless seed from (seed, e) and then the records with
+a buffer seeded by (seed, e). Global step `k` is the stream's records `[k*B, (k+1)*B)` (B = global
+batch); host `h` keeps rows `[h*b, (h+1)*b)` of each such batch (b = B / process count), filtered
+while still serialised bytes, and the record at global position g is augmented with a stateless
+seed from (seed, g). So the global batch at every step, augmentation included, is a pure function
+of the seed, whatever the number of hosts. To resume at step k the pipeline starts directly at
+epoch `k*B // n` (n records in the split) and skips the first `k*B % n` records of that epoch as
+serialised bytes: earlier epochs are never read and nothing is decoded or augmented twice.
 
 Evaluation batches read a split once in file order, padded to a whole number of global batches
 with examples of weight 0 and `mask` False, so every host runs the same number of steps.
@@ -88,28 +88,27 @@ def train_dataset(dataset_dir: str, *, global_batch: int, seed: int, start_step:
   batch = per_host_batch(global_batch, count)
   files = tf.constant(_files(builder, split))
   total = builder.info.splits[split].num_examples
-  n_host = len(range(index, total, count))
-  if n_host == 0:
-    raise ValueError(f"{dataset_dir}: split {split!r} has {total} examples, none for host {index}")
   decode = _decoder(builder, MODEL_KEYS)
 
   def epoch(e):
+    """Epoch e of the global record stream, as (global position, serialised record)."""
     file_seed = tf.stack([tf.cast(seed, tf.int64), e])
     records = tf.data.TFRecordDataset(tf.random.experimental.stateless_shuffle(files, file_seed))
-    records = records.shard(count, index)
     records = records.shuffle(shuffle_buffer, seed=seed * _EPOCH_SEED_STRIDE + e,
                               reshuffle_each_iteration=False)
-    return records.enumerate().map(lambda i, r: (e, i, r))
+    return records.enumerate().map(lambda i, r: (e * total + i, r))
 
-  first_epoch, offset = divmod(start_step * batch, n_host)
+  first_epoch, offset = divmod(start_step * global_batch, total)
   stream = epoch(tf.constant(first_epoch, tf.int64)).skip(offset).concatenate(
       tf.data.Dataset.range(first_epoch + 1, 2**62).flat_map(epoch))
+  # This host's rows of every global batch, chosen before decoding.
+  stream = stream.filter(lambda g, _: (g % global_batch) // batch == index)
 
-  def prepare(e, i, record):
+  def prepare(g, record):
     example = decode(record)
     example["has_z"] = tf.cast(example["has_z"], tf.bool)
     if augment:
-      aug_seed = tf.stack([tf.cast(seed, tf.int64), e * _EPOCH_SEED_STRIDE + i])
+      aug_seed = tf.stack([tf.cast(seed, tf.int64), g])
       k = tf.random.stateless_uniform((), aug_seed, maxval=8, dtype=tf.int32)
       example["image"] = dihedral(example["image"], k)
     return example

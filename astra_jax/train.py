@@ -181,9 +181,22 @@ def checkpoint_managers(workdir: str, config) -> tuple[ocp.CheckpointManager, oc
   return latest, best
 
 
+def incomplete_checkpoints(directory) -> list[str]:
+  """Checkpoint folders that a killed save left behind (Orbax renames a folder when complete)."""
+  directory = os.fspath(directory)
+  if not os.path.isdir(directory):
+    return []
+  return sorted(name for name in os.listdir(directory) if ".orbax-checkpoint-tmp" in name)
+
+
 def restore_or_init(manager: ocp.CheckpointManager, config, model, tx, mesh) -> TrainState:
   """The latest complete checkpoint in `manager`, or a fresh state."""
   step = manager.latest_step()
+  incomplete = incomplete_checkpoints(manager.directory)
+  if incomplete:
+    logging.warning("Ignoring incomplete checkpoint(s) %s in %s (a save was interrupted); %s",
+                    ", ".join(incomplete), manager.directory,
+                    f"resuming from step {step}" if step is not None else "starting afresh")
   if step is None:
     return init_state(config, model, tx, mesh)
   logging.info("Resuming from checkpoint at step %d in %s", step, manager.directory)
@@ -354,10 +367,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       logging.warning("%s has no %r split (too few galaxies); it is not evaluated", dataset_dir,
                       split)
   eval_batches = lambda split: pipeline.as_numpy(pipeline.eval_dataset(
-      dataset_dir, split, global_batch=config.batch_size, extra_keys=()))
+      dataset_dir, split, global_batch=config.batch_size, extra_keys=()), dataset_dir, split)
   train_iter = pipeline.as_numpy(pipeline.train_dataset(
       dataset_dir, global_batch=config.batch_size, seed=config.seed, start_step=start,
-      shuffle_buffer=config.shuffle_buffer, augment=config.augment))
+      shuffle_buffer=config.shuffle_buffer, augment=config.augment), dataset_dir, "train")
 
   stop = {"signal": None}
   previous = signal.signal(signal.SIGTERM, lambda signum, _: stop.update(signal=signum))

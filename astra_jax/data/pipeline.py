@@ -156,6 +156,42 @@ def _padding_example(spec) -> dict:
           for k, s in spec.items()}
 
 
-def as_numpy(ds: tf.data.Dataset) -> Iterator[dict[str, np.ndarray]]:
-  """Numpy dicts out of a tf.data pipeline."""
-  return ds.as_numpy_iterator()
+class CorruptShardError(RuntimeError):
+  """A shard of a prepared dataset cannot be read; the message names the file."""
+
+
+def check_shards(dataset_dir: str, split: str) -> list[tuple[str, str]]:
+  """(path, problem) of every shard of `split` that is unreadable or holds the wrong record count.
+
+  Reads every record's bytes (CRC-checked by TensorFlow), so it costs one pass over the split.
+  """
+  builder = load_builder(dataset_dir)
+  info = builder.info.splits[split]
+  problems = []
+  for path, expected in zip(sorted(os.fspath(p) for p in info.filepaths), info.shard_lengths):
+    try:
+      count = int(tf.data.TFRecordDataset(path).reduce(np.int64(0), lambda n, _: n + 1))
+    except (tf.errors.DataLossError, tf.errors.NotFoundError, tf.errors.InvalidArgumentError) as e:
+      problems.append((path, f"unreadable shard ({e.message.splitlines()[0]})"))
+      continue
+    if count != expected:
+      problems.append((path, f"{count} records where dataset_info.json says {expected}"))
+  return problems
+
+
+def as_numpy(ds: tf.data.Dataset, dataset_dir: str | None = None, split: str | None = None
+             ) -> Iterator[dict[str, np.ndarray]]:
+  """Numpy dicts out of a tf.data pipeline; a read error is re-raised naming the bad shard."""
+  iterator = ds.as_numpy_iterator()
+  while True:
+    try:
+      yield next(iterator)
+    except StopIteration:
+      return
+    except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as e:
+      if dataset_dir is None or split is None:
+        raise
+      problems = check_shards(dataset_dir, split) or [(dataset_dir, "unreadable record")]
+      raise CorruptShardError("; ".join(f"{path}: {why}" for path, why in problems) +
+                              f" (while reading split {split!r}: {e.message.splitlines()[0]})"
+                              ) from None

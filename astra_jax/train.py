@@ -358,8 +358,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   start = int(jax.device_get(state.step))
   train_step = make_train_step(config, model, tx, mesh)
   eval_step = make_eval_step(config, model, mesh)
-  rng = jax.device_put(jax.random.key(config.seed, impl=config.rng_impl),
-                       NamedSharding(mesh, P()))
+  # Made by a jitted function so that it is replicated over every host's devices.
+  rng = jax.jit(lambda: jax.random.key(config.seed, impl=config.rng_impl),
+                out_shardings=NamedSharding(mesh, P()))()
   writer = MetricWriter(workdir)
   splits = set(pipeline.load_builder(dataset_dir).info.splits)
   for split in ("validation", "test"):

@@ -222,10 +222,11 @@ def test_psummed_terms_match_single_device():
   np.testing.assert_allclose(jax.jit(sharded)(outputs, batch), loss1, rtol=1e-5)
 
 
-def test_overfit_tiny_batch():
-  """20 Adam steps on one fixed tiny batch must reduce the total loss substantially."""
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_overfit_tiny_batch(dtype):
+  """20 Adam steps on one fixed tiny batch must reduce the total loss substantially (both dtypes)."""
   model = Astra(patch_size=8, dim=32, num_layers=1, num_heads=4, decoder_hidden=64, num_pixels=64,
-                num_z_bins=12, cnn_features=(4,), dropout=0.0)
+                num_z_bins=12, cnn_features=(4,), dropout=0.0, dtype=jnp.dtype(dtype))
   rng = np.random.default_rng(0)
   images = jnp.asarray(rng.normal(size=(4, 5, 16, 16)), jnp.float32)
   wave = np.linspace(0, 1, 64)
@@ -253,5 +254,6 @@ def test_overfit_tiny_batch():
   for _ in range(20):
     params, opt_state, loss = step(params, opt_state)
     history.append(float(loss))
+  assert {p.dtype for p in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
   assert np.all(np.isfinite(history))
   assert history[-1] < 0.3 * history[0], history

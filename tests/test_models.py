@@ -16,7 +16,8 @@ from astra_jax.models import (Astra, MultiHeadAttention, PatchCNN, TransformerBl
                               TransformerEncoder, patch_grid, sincos_2d, z_bin_centers, z_pdf_stats)
 
 BANDS = 5
-TINY = dict(patch_size=8, dim=32, num_layers=2, num_heads=4, decoder_hidden=64, num_pixels=4000,
+# One layer keeps compile times down; TransformerEncoder is tested with two layers below.
+TINY = dict(patch_size=8, dim=32, num_layers=1, num_heads=4, decoder_hidden=64, num_pixels=4000,
             num_z_bins=20, cnn_features=(8, 16))
 
 
@@ -60,10 +61,10 @@ def tiny():
 def test_astra_output_shapes_and_dtypes(tiny, dtype):
   _, params, images, fns = tiny
   model = Astra(**TINY, dtype=dtype)
-  # Initialising in bf16 mode must still give float32 parameters.
-  bf16_params = jax.eval_shape(lambda x: model.init(_key(), x, train=False), images)["params"]
-  assert {x.dtype for x in jax.tree.leaves(bf16_params)} == {jnp.dtype(jnp.float32)}
-  assert jax.tree.map(lambda x: x.shape, bf16_params) == jax.tree.map(lambda x: x.shape, params)
+  # Parameters are float32 (and the same tree) whatever the compute dtype.
+  init_params = jax.eval_shape(lambda x: model.init(_key(), x, train=False), images)["params"]
+  assert {x.dtype for x in jax.tree.leaves(init_params)} == {jnp.dtype(jnp.float32)}
+  assert jax.tree.map(lambda x: x.shape, init_params) == jax.tree.map(lambda x: x.shape, params)
   out, _ = fns["eval" if dtype == jnp.float32 else "eval_bf16"](params, images)
   assert set(out) == {"spectrum", "log_norm", "z_logits", "attention"}
   assert out["spectrum"].shape == (2, 4000) and out["spectrum"].dtype == jnp.float32
@@ -152,21 +153,25 @@ def test_transformer_block_residual_path():
 def test_patch_cnn_deterministic_local_and_differentiable(embedding):
   cnn = PatchCNN(patch_size=8, dim=16, patch_embedding=embedding, features=(4, 8))
   images = _images()
-  params = _init(cnn, images)
-  apply = _apply(cnn)
-  tokens = apply(params, images)
+  bumped = images.at[0, :, 8:16, 16:24].add(1.0)
+  loss = lambda p, x: jnp.sum(cnn.apply({"params": p}, x) ** 2)
+
+  @jax.jit  # one compilation for everything below
+  def run(key):
+    params = cnn.init(key, images)["params"]
+    apply = lambda x: cnn.apply({"params": params}, x)
+    return apply(images), apply(images), apply(bumped), jax.grad(loss, argnums=(0, 1))(params, images)
+
+  tokens, again, bumped_tokens, (grads_p, grads_x) = run(_key())
   assert tokens.shape == (2, 16, 16)
   # Same params and input -> bit-identical output (the seed re-drew its CNN per sample).
-  np.testing.assert_array_equal(tokens, apply(params, images))
+  np.testing.assert_array_equal(tokens, again)
   # Patching is a reshape: changing patch (row 1, col 2) of image 0 changes token 1 * 4 + 2 only.
-  bumped = images.at[0, :, 8:16, 16:24].add(1.0)
-  changed = np.any(np.asarray(apply(params, bumped) != tokens), axis=-1)
+  changed = np.any(np.asarray(bumped_tokens != tokens), axis=-1)
   expected = np.zeros((2, 16), bool)
   expected[0, 6] = True
   np.testing.assert_array_equal(changed, expected)
   # Gradients exist and are non-zero for every parameter and for the input.
-  loss = lambda p, x: jnp.sum(cnn.apply({"params": p}, x) ** 2)
-  grads_p, grads_x = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, images)
   for g in jax.tree.leaves(grads_p) + [grads_x]:
     assert bool(jnp.all(jnp.isfinite(g))) and float(jnp.max(jnp.abs(g))) > 0
 
@@ -217,17 +222,15 @@ def test_bf16_forward_matches_fp32(tiny):
   np.testing.assert_allclose(pdf16, pdf32, atol=0.01)
 
 
-def test_bf16_gradients_are_float32_and_finite():
-  config = dict(TINY, num_layers=1, patch_embedding="linear")  # small: this is about dtypes
-  images = _images()
-  params = _init(Astra(**config), images, train=False)
-  model = Astra(**config, dtype=jnp.bfloat16)
+def test_bf16_gradients_are_float32(tiny):
+  # Abstract evaluation only (bf16 backward passes are slow to compile on CPU); a real bf16 backward
+  # pass runs in tests/test_losses.py::test_overfit_tiny_batch[bfloat16].
+  _, params, images, _ = tiny
+  model = Astra(**TINY, dtype=jnp.bfloat16)
   loss = lambda p: jnp.mean(model.apply({"params": p}, images, train=True,
                                         rngs={"dropout": _key()})["spectrum"] ** 2)
-  grads = jax.jit(jax.grad(loss))(params)
-  for g in jax.tree.leaves(grads):
-    assert g.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(g)))
-  assert float(jnp.max(jnp.abs(grads["embed"]["proj"]["kernel"]))) > 0
+  grads = jax.eval_shape(jax.grad(loss), params)
+  assert {g.dtype for g in jax.tree.leaves(grads)} == {jnp.dtype(jnp.float32)}
 
 
 def test_z_bin_centers():

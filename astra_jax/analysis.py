@@ -1,0 +1,330 @@
+"""A trained ASTRA run in a notebook: restore it from its workdir, predict, read its metrics.
+
+Nothing here needs the training data: `restore` rebuilds the model from the workdir's
+`config.json` and reads the parameters from its Orbax checkpoints; `predict` runs on any images
+(N, bands, H, W) float32, asinh-stretched as the prepared dataset stores them. `predict_split` is
+the one function that reads a prepared dataset.
+
+Units: flux in 1e-17 erg/s/cm^2/Angstrom on `astra_jax.grid` (4000 pixels, vacuum observed-frame
+Angstrom); redshift bins tile [0, z_max] uniformly, and each PDF is uniform within a bin.
+Single-process: parameters and images live on this process's local devices.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from typing import Any, Iterable
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from astra_jax import grid
+from astra_jax import losses
+from astra_jax import train
+from astra_jax.models import astra as astra_model
+
+#: Quantiles of the CDF that bound the central 68 % interval of a redshift PDF.
+INTERVAL_QUANTILES = (0.16, 0.84)
+
+
+# ---------------------------------------------------------------- grids
+
+
+def wavelength() -> np.ndarray:
+  """Vacuum observed-frame wavelength (4000,) float64 in Angstrom of every spectrum."""
+  return grid.wavelength()
+
+
+def z_edges(model: astra_model.Astra) -> np.ndarray:
+  """Edges (num_z_bins + 1,) float64 of the redshift bins that `z_pdf` refers to."""
+  return np.linspace(0.0, model.z_max, model.num_z_bins + 1)
+
+
+# ---------------------------------------------------------------- restoring a run
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """The run's `config.json` (as training wrote it) as a ConfigDict."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{workdir}: no config.json; is this a training workdir?")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def local_mesh() -> Mesh:
+  """A 1-D `'data'` mesh over this process's devices."""
+  return train.create_mesh(jax.local_devices())
+
+
+def _manager(directory: str, best: bool) -> ocp.CheckpointManager:
+  """A read-only manager of `directory` (never creates, saves or deletes anything)."""
+  options = ocp.CheckpointManagerOptions(
+      read_only=True, create=False, save_interval_steps=0, max_to_keep=None,
+      # The same ranking as training's best manager, so that best_step() means the same step.
+      best_fn=(lambda m: m["val_loss"]) if best else None, best_mode="min")
+  return ocp.CheckpointManager(directory, options=options)
+
+
+def _pick_step(manager: ocp.CheckpointManager, workdir: str, step: int | None, best: bool) -> int:
+  steps = manager.all_steps()
+  kind = "best" if best else "latest"
+  if not steps:
+    raise FileNotFoundError(f"{workdir}: no {kind} checkpoint in {manager.directory}")
+  if step is None:
+    step = manager.best_step() if best else manager.latest_step()
+  if step not in steps:
+    raise FileNotFoundError(f"{workdir}: no {kind} checkpoint at step {step}; "
+                            f"{manager.directory} holds steps {sorted(steps)}")
+  return int(step)
+
+
+def restore(workdir: str, step: int | None = None, best: bool = False
+            ) -> tuple[ml_collections.ConfigDict, astra_model.Astra, Any]:
+  """(config, model, params) of a training run, params replicated over the local devices.
+
+  Reads `workdir/checkpoints/<step>` (the latest step unless `step` is given) or, with
+  `best=True`, `workdir/best/<step>` (the lowest validation loss unless `step` is given). Only
+  shapes are computed (jax.eval_shape): no data and no initialisation are needed, and any device
+  count works whatever the run trained on. Raises FileNotFoundError naming `workdir` when there is
+  no such checkpoint.
+  """
+  config = load_config(workdir)
+  model = train.make_model(config)
+  mesh = local_mesh()
+  subdir = "best" if best else "checkpoints"
+  manager = _manager(os.path.join(os.path.abspath(workdir), subdir), best)
+  try:
+    step = _pick_step(manager, workdir, step, best)
+    target = train.abstract_state(config, model, train.make_optimizer(config), mesh)
+    if best:  # Training saves only the params there.
+      return config, model, manager.restore(step, args=ocp.args.StandardRestore(target.params))
+    # The optimiser state is read into host memory (a numpy target; no device memory), then
+    # dropped: StandardRestore restores whole trees only.
+    host = lambda s: np.broadcast_to(np.zeros((), s.dtype), s.shape)
+    target = target.replace(step=host(target.step), opt_state=jax.tree.map(host, target.opt_state))
+    state = manager.restore(step, args=ocp.args.StandardRestore(target))
+    return config, model, state.params
+  finally:
+    manager.close()
+
+
+# ---------------------------------------------------------------- predictions
+
+
+def z_interval(pdf: np.ndarray, edges: np.ndarray,
+               quantiles: tuple[float, float] = INTERVAL_QUANTILES
+               ) -> tuple[np.ndarray, np.ndarray]:
+  """(z_lo, z_hi) (N,) float64: the `quantiles` of histogram PDFs (N, B) on bin `edges` (B+1,).
+
+  The CDF is linear within a bin (uniform density there), as in `evaluate.pit`; the default is the
+  central 68 % interval. PDFs need not sum exactly to 1 (they are renormalised).
+  """
+  pdf = np.clip(np.asarray(pdf, np.float64), 0.0, None)
+  edges = np.asarray(edges, np.float64)
+  cdf = np.cumsum(pdf, axis=1)
+  cdf /= cdf[:, -1:]
+  out = []
+  for q in quantiles:
+    # The first bin whose upper CDF reaches q holds the quantile; its density is > 0 there.
+    k = np.minimum(np.sum(cdf < q, axis=1), pdf.shape[1] - 1)
+    below = np.where(k > 0, np.take_along_axis(cdf, np.maximum(k - 1, 0)[:, None], 1)[:, 0], 0.0)
+    mass = np.take_along_axis(cdf, k[:, None], 1)[:, 0] - below
+    frac = np.clip((q - below) / np.where(mass > 0, mass, 1.0), 0.0, 1.0)
+    out.append(edges[k] + frac * (edges[k + 1] - edges[k]))
+  return out[0], out[1]
+
+
+@functools.lru_cache(maxsize=16)
+def _predict_fn(model: astra_model.Astra, return_attention: bool):
+  """Jitted (params, images (B, bands, H, W)) -> dict of per-galaxy outputs, B-sharded."""
+  centers = jnp.asarray(model.z_centers())
+
+  def fn(params, images):
+    out = model.apply({"params": params}, images, train=False, return_attention=return_attention)
+    stats = astra_model.z_pdf_stats(out["z_logits"], centers)
+    pred = dict(flux=losses.denormalise(out["spectrum"], out["log_norm"]),
+                spectrum=out["spectrum"], log_norm=out["log_norm"], z_pdf=stats["pdf"],
+                z_mean=stats["mean"], z_mode=stats["mode"])
+    if return_attention:
+      pred["attention"] = jnp.mean(out["attention"], axis=1)
+    return pred
+  return jax.jit(fn)
+
+
+def predict(model: astra_model.Astra, params, images: np.ndarray, batch_size: int = 64,
+            return_attention: bool = False) -> dict[str, np.ndarray]:
+  """The model's predictions for images (N, bands, H, W) float32 (asinh-stretched), as numpy.
+
+  Returns `flux` (N, 4000) in 1e-17 erg/s/cm^2/Angstrom, `spectrum` (N, 4000) normalised,
+  `log_norm` (N,) log10(norm / 1e-17 erg/s/cm^2/Angstrom), `z_pdf` (N, num_z_bins) on
+  `z_edges(model)`, `z_mean`, `z_mode` (N,), `z_lo`, `z_hi` (N,) the central 68 % interval, and
+  with `return_attention` `attention` (N, H/p, W/p): the summary token's last-block attention over
+  the patch grid, averaged over heads. Batches of `batch_size` (rounded up to a multiple of the
+  local device count) are split over the local devices; the last one is zero-padded and the
+  padding dropped. All float32 except z_lo, z_hi (float64).
+  """
+  images = np.asarray(images, np.float32)
+  n = len(images)
+  mesh = local_mesh()
+  ndev = mesh.size
+  params = jax.device_put(params, NamedSharding(mesh, P()))
+  batch = min(-(-batch_size // ndev), -(-max(n, 1) // ndev)) * ndev
+  fn = _predict_fn(model, return_attention)
+  parts: dict[str, list[np.ndarray]] = {}
+  for start in range(0, n, batch):
+    chunk = images[start:start + batch]
+    real = len(chunk)
+    # One shape for every full batch (one compilation); padding galaxies are zeros, dropped below.
+    chunk = np.concatenate([chunk, np.zeros((batch - real, *images.shape[1:]), np.float32)])
+    out = fn(params, jax.device_put(chunk, NamedSharding(mesh, P(train.DATA_AXIS))))
+    for k, v in jax.device_get(out).items():
+      parts.setdefault(k, []).append(np.asarray(v)[:real])
+  if not parts:
+    raise ValueError("predict needs at least one image")
+  pred = {k: np.concatenate(v) for k, v in parts.items()}
+  pred["z_lo"], pred["z_hi"] = z_interval(pred["z_pdf"], z_edges(model))
+  return pred
+
+
+def predict_split(model, params, dataset_dir: str, split: str, *, batch_size: int = 64,
+                  keep_images: int = 0, return_attention: bool = False) -> dict[str, np.ndarray]:
+  """Truth and predictions for every galaxy of a prepared dataset's split, in file order.
+
+  Truth: `specobj_id` (N,) str, `ra`, `dec` (N,) float64 degrees, `flux_true` (N, 4000) in
+  1e-17 erg/s/cm^2/Angstrom, `weight` (N, 4000) (inverse variance, or 1/0), `z_true` (N,) float32
+  (NaN where the galaxy has no redshift), `has_z` (N,) bool; plus everything `predict` returns,
+  and `image` (keep_images, bands, H, W) of the first `keep_images` galaxies. The dataset is read
+  batch by batch, so the split's images never sit in memory all at once.
+  """
+  from astra_jax.data import pipeline  # pylint: disable=g-import-not-at-top (TensorFlow)
+  batches = pipeline.as_numpy(pipeline.eval_dataset(
+      dataset_dir, split, global_batch=batch_size, process_index=0, process_count=1,
+      extra_keys=("specobj_id", "ra", "dec")))
+  return _predict_batches(model, params, batches, batch_size=batch_size, keep_images=keep_images,
+                          return_attention=return_attention)
+
+
+def _predict_batches(model, params, batches: Iterable[dict], *, batch_size: int,
+                     keep_images: int, return_attention: bool) -> dict[str, np.ndarray]:
+  parts: dict[str, list[np.ndarray]] = {}
+  kept = 0
+  for batch in batches:
+    mask = batch["mask"].astype(bool)
+    if not mask.any():
+      continue
+    images = batch["image"][mask]
+    pred = predict(model, params, images, batch_size=batch_size,
+                   return_attention=return_attention)
+    truth = dict(specobj_id=np.array([s.decode() for s in batch["specobj_id"][mask]]),
+                 ra=batch["ra"][mask].astype(np.float64), dec=batch["dec"][mask].astype(np.float64),
+                 flux_true=batch["flux"][mask], weight=batch["weight"][mask],
+                 z_true=np.where(batch["has_z"][mask], batch["z"][mask], np.nan).astype(np.float32),
+                 has_z=batch["has_z"][mask].astype(bool))
+    take = min(keep_images - kept, len(images))
+    if take > 0:
+      truth["image"], kept = images[:take], kept + take
+    for k, v in {**truth, **pred}.items():
+      parts.setdefault(k, []).append(v)
+  if not parts:
+    raise ValueError("the split holds no galaxy")
+  out = {k: np.concatenate(v) for k, v in parts.items()}
+  if "image" not in out:
+    out["image"] = np.zeros((0,), np.float32)
+  return out
+
+
+# ---------------------------------------------------------------- training curves
+
+
+def read_metrics(workdir: str) -> dict[str, dict[str, np.ndarray]]:
+  """`metrics.jsonl` as {split: {"step": (T,) int64, metric: (T,) float64}}, sorted by step.
+
+  A step logged twice (a run resumed from an earlier checkpoint) keeps its last record. The
+  validation/test parts are named `spectrum`, `norm`, `redshift`; the train parts carry a `loss_`
+  prefix: both are returned as `loss_<part>`.
+  """
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{workdir}: no metrics.jsonl")
+  records: dict[str, dict[int, dict[str, float]]] = {}
+  with open(path) as f:
+    for line in f:
+      if line.strip():
+        r = json.loads(line)
+        records.setdefault(r.pop("split"), {})[int(r.pop("step"))] = r
+  out = {}
+  for split, by_step in records.items():
+    steps = sorted(by_step)
+    names = sorted({k for r in by_step.values() for k in r})
+    columns = {"step": np.asarray(steps, np.int64)}
+    for name in names:
+      key = f"loss_{name}" if name in ("spectrum", "norm", "redshift") else name
+      columns[key] = np.asarray([by_step[s].get(name, np.nan) for s in steps], np.float64)
+    out[split] = columns
+  return out
+
+
+# ---------------------------------------------------------------- FITS
+
+
+FLUX_UNIT = "1e-17 erg/s/cm^2/Angstrom"
+
+#: Column name, source key of `predict_split`'s output, FITS format code, unit, comment (a FITS
+#: card leaves 47 characters for it).
+_COLUMNS = (
+    ("specobj_id", "specobj_id", None, None, "SDSS spectroscopic object id"),
+    ("ra", "ra", "D", "deg", "ICRS right ascension"),
+    ("dec", "dec", "D", "deg", "ICRS declination"),
+    ("z_true", "z_true", "E", None, "spectroscopic redshift (NaN: none)"),
+    ("z_mean", "z_mean", "E", None, "mean of the predicted redshift PDF"),
+    ("z_mode", "z_mode", "E", None, "centre of the most probable redshift bin"),
+    ("z_lo", "z_lo", "E", None, "16th percentile of the redshift PDF"),
+    ("z_hi", "z_hi", "E", None, "84th percentile of the redshift PDF"),
+    ("z_pdf", "z_pdf", "E", None, "redshift PDF per bin (edges in HDU Z_EDGES)"),
+    ("flux_pred", "flux", "E", FLUX_UNIT, "predicted flux on the wavelength grid"),
+    ("flux_true", "flux_true", "E", FLUX_UNIT, "observed flux on the wavelength grid"),
+    ("weight", "weight", "E", None, "ivar [(1e-17 erg/s/cm^2/A)^-2] or 1/0; 0: bad"),
+)
+
+
+def write_fits(path: str, pred: dict[str, np.ndarray], model: astra_model.Astra,
+               header: dict[str, Any] | None = None) -> str:
+  """Writes `predict_split`'s output as a FITS file; returns `path`.
+
+  HDU 1 PREDICTIONS: a binary table with the columns of `_COLUMNS` (vector columns (4000,) on the
+  grid given by LOGLAM0, DLOGLAM, NPIX; `z_pdf` (num_z_bins,)); `header` cards are added to it.
+  HDU 2 Z_EDGES: the (num_z_bins + 1,) float64 redshift bin edges.
+  """
+  from astropy.io import fits  # pylint: disable=g-import-not-at-top
+  columns = []
+  for name, key, fmt, unit, _ in _COLUMNS:
+    value = np.asarray(pred[key])
+    if fmt is None:  # Fixed-width strings, as long as the longest id.
+      value = value.astype(str)
+      fmt = f"{max(1, max((len(s) for s in value), default=1))}A"
+    elif value.ndim == 2:
+      fmt = f"{value.shape[1]}{fmt}"
+    columns.append(fits.Column(name=name, format=fmt, unit=unit, array=value))
+  table = fits.BinTableHDU.from_columns(columns, name="PREDICTIONS")
+  for i, (_, _, _, _, comment) in enumerate(_COLUMNS, start=1):
+    table.header.comments[f"TTYPE{i}"] = comment
+  table.header["LOGLAM0"] = (grid.LOGLAM0, "log10(vacuum obs-frame wavelength/A), pixel 0")
+  table.header["DLOGLAM"] = (grid.DLOGLAM, "log10(wavelength/A) step per pixel")
+  table.header["NPIX"] = (grid.NUM_PIXELS, "pixels of flux_pred, flux_true, weight")
+  table.header["WAVEUNIT"] = ("Angstrom", "wavelengths are vacuum, observed frame")
+  table.header["ZMAX"] = (float(model.z_max), "redshift bins tile [0, ZMAX] uniformly")
+  table.header["NZBINS"] = (int(model.num_z_bins), "number of redshift bins")
+  for key, value in (header or {}).items():
+    table.header[key] = value
+  edges = fits.ImageHDU(z_edges(model), name="Z_EDGES")
+  edges.header["COMMENT"] = "Edges of the redshift bins of the z_pdf column (num_z_bins + 1)."
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fits.HDUList([fits.PrimaryHDU(), table, edges]).writeto(path, overwrite=True)
+  return path

@@ -65,15 +65,19 @@ def test_two_processes_equal_one_process_and_resume(tiny_dataset, tmp_path):
 
   # The same global batches and dropout masks on the same 4 devices; only the all-reduce crosses
   # processes (gloo), so float32 sums may run in another order: tolerance 1e-5 relative on the
-  # losses and gradient norms, and on parameters 1e-4 absolute (Adam's first steps are ~lr*sign(g),
-  # which can turn summation-order noise in gradients that cancel to ~0 into ~lr differences).
+  # losses and gradient norms. On parameters: 99% within 1e-5, all within 3e-4 (Adam's first steps
+  # are ~lr*sign(g) with lr = 1e-3, which turns summation-order noise in the few gradients that
+  # cancel to ~0 into differences of a fraction of lr).
   train_lines = lambda w: [json.loads(l) for l in open(os.path.join(w, "metrics.jsonl"))
                            if '"train"' in l]
   for a, b in zip(train_lines(multi), train_lines(single), strict=True):
     assert a["step"] == b["step"]
     np.testing.assert_allclose([a["loss"], a["grad_norm"]], [b["loss"], b["grad_norm"]], rtol=1e-5)
   got, expected = params_at(multi, 6), params_at(single, 6)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), got, expected)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=3e-4), got, expected)
+  diff = np.concatenate([np.abs(np.asarray(a) - np.asarray(b)).ravel()
+                         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected))])
+  assert np.mean(diff > 1e-5) < 0.01, np.mean(diff > 1e-5)
 
   # Only process 0 writes logs: each step once, one TensorBoard writer per run.
   steps = [json.loads(l)["step"] for l in open(os.path.join(multi, "metrics.jsonl"))

@@ -43,9 +43,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Optimisation.
   c.seed = 0
   c.batch_size = 32         # Global, over all devices of all hosts.
-  c.num_train_steps = 1500
+  c.num_train_steps = 600
   c.learning_rate = 1e-3
-  c.warmup_steps = 100
+  c.warmup_steps = 50
   c.end_learning_rate_factor = 0.02
   c.weight_decay = 1e-4
   c.grad_clip_norm = 1.0
@@ -56,8 +56,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # Bookkeeping.
   c.log_every_steps = 25
-  c.eval_every_steps = 250
-  c.checkpoint_every_steps = 250
+  c.eval_every_steps = 200
+  c.checkpoint_every_steps = 200
   c.max_to_keep = 2
 
   c.model = ml_collections.ConfigDict()
@@ -69,6 +69,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.mlp_ratio = 4
   c.model.dropout = 0.1
   c.model.decoder_hidden = 512
+  c.model.cnn_features = (16, 32)
   c.model.num_z_bins = 180
   c.model.z_max = 0.6
 
@@ -86,6 +87,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.num_layers = 6
     c.model.num_heads = 8
     c.model.decoder_hidden = 2048
+    c.model.cnn_features = (32, 64)   # The seed's patch CNN channels.
   elif arg == "tiny":
     c.num_galaxies = 24
     c.mock_seed = 3         # Its 24 galaxies hash to 17 train, 2 validation, 5 test.

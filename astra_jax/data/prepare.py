@@ -40,7 +40,10 @@ def prepare(raw_dir: str, data_dir: str, *, bands=grid.PS1_BANDS, image_size: in
   from astra_jax.data import astropixel  # pylint: disable=g-import-not-at-top
 
   config = astropixel.make_config(bands, image_size, stretch_beta, min_valid_pixels)
-  builder = astropixel.Astropixel(data_dir=os.path.abspath(data_dir), config=config,
+  # tfds refuses a custom config named like a registered one: pass registered ones by name.
+  registered = {c.name for c in astropixel.Astropixel.BUILDER_CONFIGS}
+  builder = astropixel.Astropixel(data_dir=os.path.abspath(data_dir),
+                                  config=config.name if config.name in registered else config,
                                   num_workers=num_workers)
   dataset_dir = os.fspath(builder.data_dir)
   if not builder.is_prepared():

@@ -377,11 +377,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   previous = signal.signal(signal.SIGTERM, lambda signum, _: stop.update(signal=signum))
   bar = tqdm(total=config.num_train_steps, initial=start, desc="train", unit="step",
              disable=jax.process_index() != 0, dynamic_ncols=True)
-  pending, t0, n0 = None, time.perf_counter(), start
+  bar.postfix_values = {}
+  pending, t0 = None, time.perf_counter()
   try:
     for step in range(start, config.num_train_steps):
-      batch = to_global({k: v for k, v in next(train_iter).items()}, mesh)
-      state, metrics = train_step(state, batch, rng)
+      state, metrics = train_step(state, to_global(next(train_iter), mesh), rng)
       # Metrics are read one step late so the host never waits on the device it just fed.
       if pending is not None:
         _check_and_log(*pending, writer, bar, config)
@@ -389,8 +389,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       done = step + 1
       bar.update(1)
       if done % config.log_every_steps == 0:
-        rate = (done - n0) * config.batch_size / (time.perf_counter() - t0)
-        bar.set_postfix(samples_per_s=f"{rate:.1f}")
+        rate = (done - start) * config.batch_size / (time.perf_counter() - t0)
+        bar.set_postfix(bar.postfix_values | {"samples_per_s": f"{rate:.1f}"})
       if ("validation" in splits and
           (done % config.eval_every_steps == 0 or done == config.num_train_steps)):
         _check_and_log(*pending, writer, bar, config)
@@ -403,7 +403,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if stop["signal"] is not None:
         logging.warning("Signal %d received: checkpointing step %d and exiting", stop["signal"],
                         done)
-        latest.save(done, args=ocp.args.StandardSave(state), force=True)
+        if latest.latest_step() != done:
+          latest.save(done, args=ocp.args.StandardSave(state), force=True)
         break
     if pending is not None:
       _check_and_log(*pending, writer, bar, config)
@@ -445,7 +446,8 @@ def _check_and_log(step: int, metrics, writer: MetricWriter, bar, config):
         f"grad_norm={values['grad_norm']}); the update was not applied and the last checkpoint "
         "holds the previous parameters")
   writer.write(done, "train", values)
-  bar.set_postfix(loss=f"{values['loss']:.4f}", refresh=False)
+  bar.postfix_values["loss"] = f"{values['loss']:.4f}"
+  bar.set_postfix(bar.postfix_values, refresh=False)
 
 
 def format_results(results: dict[str, Any]) -> str:

@@ -10,11 +10,16 @@ Raw layout (read through `manual_dir`)::
 Every raw galaxy is either written to exactly one split (a hash of `specobj_id`, 80/10/10) or
 rejected with a reason; rejections are collected in `Astropixel.rejections` and written by
 `astra_jax.data.prepare` to `rejected.jsonl` beside the dataset.
+
+With a `beam_runner` or `beam_options` in the `DownloadConfig` the galaxies are read by an Apache
+Beam pipeline (the optional `[beam]` extra) instead of in this process: the examples and the
+rejections are the same, in the same order, as without Beam.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import multiprocessing
 import os
 from typing import Iterator
@@ -28,6 +33,19 @@ from astra_jax.data import preprocess
 
 SPLITS = ("train", "validation", "test")
 RAW_IMAGE_SIZE = 288
+# Beam workers write their rejections as JSON lines into this folder of the dataset directory; the
+# builder reads them back into `rejections` once the pipeline has finished, and removes it.
+BEAM_REJECTIONS_DIR = "rejections"
+
+
+def import_beam():
+  """`apache_beam`, or an ImportError that says how to install it (Beam is an optional extra)."""
+  try:
+    import apache_beam as beam  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError("Preparing with a Beam runner needs Apache Beam: "
+                      "pip install 'astra-jax[beam]'") from e
+  return beam
 
 
 @dataclasses.dataclass
@@ -121,6 +139,20 @@ def _try_example(args) -> tuple[str, dict | None, dict | None]:
     return row.specobj_id, None, rejection(row.specobj_id, galaxy_dir, "unexpected error", repr(e))
 
 
+def _beam_example(job, config):
+  """Beam worker: (order, galaxy_dir, row) -> (key, example), or a tagged rejection JSON line.
+
+  `order` (split index, item index) lets the driver put the rejections back in plain-path order.
+  """
+  beam = import_beam()
+  order, galaxy_dir, row = job
+  key, example, rejected = _try_example((galaxy_dir, row, config))
+  if rejected is None:
+    yield key, example
+  else:
+    yield beam.pvalue.TaggedOutput("rejected", json.dumps({"order": order, **rejected}))
+
+
 def rejection(specobj_id: str | None, path: str, reason: str, detail: str | None = None) -> dict:
   """One line of rejected.jsonl: a stable `reason`, and the particulars in `detail`."""
   out = {"specobj_id": specobj_id, "path": path, "reason": reason}
@@ -199,6 +231,7 @@ class Astropixel(tfds.core.GeneratorBasedBuilder):
     self.num_workers = num_workers
     self.rejections: list[dict] = []
     self.num_raw = 0
+    self._beam = False
     super().__init__(*args, **kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -231,6 +264,11 @@ class Astropixel(tfds.core.GeneratorBasedBuilder):
         homepage="https://www.kaggle.com/datasets/",
     )
 
+  def _download_and_prepare(self, dl_manager, download_config):
+    # As in tfds: a Beam runner or Beam options in the DownloadConfig ask for a Beam pipeline.
+    self._beam = bool(download_config.beam_runner or download_config.beam_options)
+    super()._download_and_prepare(dl_manager, download_config)
+
   def _split_generators(self, dl_manager):
     survey = scan_raw_dir(os.fspath(dl_manager.manual_dir))
     self.rejections = list(survey.rejections)
@@ -240,21 +278,27 @@ class Astropixel(tfds.core.GeneratorBasedBuilder):
       by_split[preprocess.split_of(row.specobj_id)].append((galaxy_dir, row))
     # tfds cannot write an empty split, so each split's first good galaxy is found here: a split
     # that no galaxy hashes to, or whose galaxies are all rejected, is left out (tiny surveys).
+    # With Beam too: the search runs here, in the launching process, before the pipeline.
     generators = {}
     for split in SPLITS:
-      first, rest = self._first_example(by_split[split])
-      if first is not None:
-        generators[split] = self._generate_examples(first, rest)
+      k, first = self._first_example(by_split[split])
+      if first is None:
+        continue
+      if self._beam:
+        # Workers read the first good galaxy again rather than ship its example in the job graph.
+        generators[split] = self._beam_examples(split, by_split[split][k:])
+      else:
+        generators[split] = self._generate_examples(first, by_split[split][k + 1:])
     return generators
 
   def _first_example(self, items):
-    """((key, example) of the first good galaxy, the items after it), or (None, [])."""
+    """(index, (key, example)) of the first good galaxy in `items`, or (None, None)."""
     for k, (galaxy_dir, row) in enumerate(items):
       key, example, rejected = _try_example((galaxy_dir, row, self.builder_config))
       if rejected is None:
-        return (key, example), items[k + 1:]
+        return k, (key, example)
       self.rejections.append(rejected)
-    return None, []
+    return None, None
 
   def _generate_examples(self, first, items) -> Iterator[tuple[str, dict]]:
     yield first
@@ -271,3 +315,40 @@ class Astropixel(tfds.core.GeneratorBasedBuilder):
         yield key, example
       else:
         self.rejections.append(rejected)
+
+  def _beam_examples(self, split: str, items):
+    """One split as a Beam PTransform: (key, example) of each good galaxy in `items`.
+
+    Workers cannot append to `self.rejections`; their rejections go, as JSON lines, to
+    `{dataset dir}/rejections/{split}-*.jsonl` (written inside tfds's temporary directory, so they
+    move with the shards) and are read back by `_post_download_and_prepare_hook`.
+    """
+    beam = import_beam()
+    split_index = SPLITS.index(split)
+    jobs = [((split_index, i), galaxy_dir, row) for i, (galaxy_dir, row) in enumerate(items)]
+    prefix = os.fspath(self.data_path / BEAM_REJECTIONS_DIR / split)
+    config = self.builder_config
+
+    @beam.ptransform_fn
+    def examples(pbegin):
+      read = (pbegin
+              | "Galaxies" >> beam.Create(jobs)
+              | "Spread" >> beam.Reshuffle()   # Create is one bundle; spread the reads over workers.
+              | "Read" >> beam.FlatMap(_beam_example, config).with_outputs("rejected",
+                                                                            main="examples"))
+      _ = read.rejected | "WriteRejected" >> beam.io.WriteToText(prefix, file_name_suffix=".jsonl")
+      return read.examples
+
+    return examples()  # pylint: disable=no-value-for-parameter
+
+  def _post_download_and_prepare_hook(self):
+    """After a Beam run: the workers' rejections, in plain-path order, join `self.rejections`."""
+    folder = self.data_path / BEAM_REJECTIONS_DIR
+    if not self._beam or not folder.exists():
+      return
+    records = []
+    for path in folder.glob("*.jsonl"):
+      records.extend(json.loads(line) for line in path.read_text().splitlines() if line)
+    records.sort(key=lambda r: r["order"])
+    self.rejections.extend({k: v for k, v in r.items() if k != "order"} for r in records)
+    folder.rmtree()

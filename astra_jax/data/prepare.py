@@ -3,6 +3,18 @@ r"""Prepare an ASTROPIXEL-layout raw folder into `astropixel` tfds shards.
   python -m astra_jax.data.prepare --raw_dir RAW --data_dir OUT [--bands g,r,i,z,y] \
       [--image_size 288] [--stretch_beta 2.5] [--num_workers 2]
 
+With Apache Beam (`pip install 'astra-jax[beam]'`) the galaxies are read by a Beam pipeline; the
+same examples and the same rejected.jsonl / manifest.jsonl come out:
+
+  python -m astra_jax.data.prepare --raw_dir RAW --data_dir OUT --beam_runner DirectRunner \
+      --beam_options "--direct_num_workers=2 --direct_running_mode=multi_processing"
+
+Beam's DirectRunner first tries Prism, a binary it downloads from GitHub, and falls back to its
+in-process FnApiRunner (the same options) when that fails; `--beam_runner FnApiRunner` skips Prism.
+On a cluster runner (DataflowRunner, FlinkRunner, SparkRunner) the workers write the shards, so
+--data_dir must be a path they share (gs://... on Dataflow), and --raw_dir a filesystem path that
+the launching machine and every worker can read (raw files are read with plain file I/O).
+
 Ends with one JSON line:
   {"written": {"train": n, "validation": n, "test": n}, "rejected": n,
    "manifest": PATH, "dataset_dir": PATH}
@@ -15,10 +27,12 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import sys
 
 from absl import app
 from absl import flags
+from etils import epath
 
 from astra_jax import grid
 
@@ -33,33 +47,52 @@ def hide_gpus_from_tensorflow():
 
 
 def prepare(raw_dir: str, data_dir: str, *, bands=grid.PS1_BANDS, image_size: int = 288,
-            stretch_beta: float = 2.5, min_valid_pixels: int = 500, num_workers: int = 1) -> dict:
-  """Builds (or reuses) the dataset; returns the summary that the CLI prints as JSON."""
+            stretch_beta: float = 2.5, min_valid_pixels: int = 500, num_workers: int = 1,
+            beam_runner: str | None = None, beam_options: str = "") -> dict:
+  """Builds (or reuses) the dataset; returns the summary that the CLI prints as JSON.
+
+  `beam_runner` (e.g. "DirectRunner", "DataflowRunner") reads the galaxies with Apache Beam, with
+  `beam_options` a command line of Beam pipeline options; `num_workers` is then unused (the
+  runner's options set the parallelism). None: in this process, `num_workers` reader processes.
+  """
+  if beam_options and not beam_runner:
+    raise ValueError("beam_options need a beam_runner")
   hide_gpus_from_tensorflow()
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   from astra_jax.data import astropixel  # pylint: disable=g-import-not-at-top
 
+  pipeline_options = None
+  if beam_runner:
+    beam = astropixel.import_beam()
+    pipeline_options = beam.options.pipeline_options.PipelineOptions(
+        flags=shlex.split(beam_options))
   config = astropixel.make_config(bands, image_size, stretch_beta, min_valid_pixels)
   # tfds refuses a custom config named like a registered one: pass registered ones by name.
   registered = {c.name for c in astropixel.Astropixel.BUILDER_CONFIGS}
-  builder = astropixel.Astropixel(data_dir=os.path.abspath(data_dir),
+  builder = astropixel.Astropixel(data_dir=_absolute(data_dir),
                                   config=config.name if config.name in registered else config,
                                   num_workers=num_workers)
   dataset_dir = os.fspath(builder.data_dir)
   if not builder.is_prepared():
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        manual_dir=os.path.abspath(raw_dir), try_download_gcs=False))
+        manual_dir=_absolute(raw_dir), try_download_gcs=False,
+        beam_runner=beam_runner, beam_options=pipeline_options))
     _write_accounts(builder, dataset_dir)
   return summary(dataset_dir)
+
+
+def _absolute(path: str) -> str:
+  """A local path made absolute; a URL (gs://bucket/...) as it is."""
+  return path if "://" in path else os.path.abspath(path)
 
 
 def _write_accounts(builder, dataset_dir: str):
   """rejected.jsonl and manifest.jsonl: where every raw galaxy went."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  with open(os.path.join(dataset_dir, "rejected.jsonl"), "w") as f:
+  with epath.Path(dataset_dir, "rejected.jsonl").open("w") as f:
     for r in builder.rejections:
       f.write(json.dumps(r) + "\n")
-  with open(os.path.join(dataset_dir, "manifest.jsonl"), "w") as f:
+  with epath.Path(dataset_dir, "manifest.jsonl").open("w") as f:
     for split in builder.info.splits:
       ds = builder.as_dataset(split=split, shuffle_files=False,
                               decoders={"image": tfds.decode.SkipDecoding(),
@@ -75,11 +108,11 @@ def _write_accounts(builder, dataset_dir: str):
 def summary(dataset_dir: str) -> dict:
   """The counts of a prepared dataset, read back from its manifest."""
   manifest = os.path.join(dataset_dir, "manifest.jsonl")
-  if not os.path.exists(manifest):
+  if not epath.Path(manifest).exists():
     raise FileNotFoundError(f"{manifest}: missing; the preparation of {dataset_dir} did not finish")
   written = {"train": 0, "validation": 0, "test": 0}
   rejected = 0
-  with open(manifest) as f:
+  with epath.Path(manifest).open() as f:
     for line in f:
       split = json.loads(line)["split"]
       if split == "rejected":
@@ -95,7 +128,8 @@ def main(argv):
   f = flags.FLAGS
   result = prepare(f.raw_dir, f.data_dir, bands=tuple(f.bands.split(",")),
                    image_size=f.image_size, stretch_beta=f.stretch_beta,
-                   min_valid_pixels=f.min_valid_pixels, num_workers=f.num_workers)
+                   min_valid_pixels=f.min_valid_pixels, num_workers=f.num_workers,
+                   beam_runner=f.beam_runner, beam_options=f.beam_options)
   sys.stdout.write(json.dumps(result) + "\n")
 
 
@@ -106,6 +140,13 @@ if __name__ == "__main__":
   flags.DEFINE_integer("image_size", 288, "Stored image size; must divide 288 (mean-binned).")
   flags.DEFINE_float("stretch_beta", 2.5, "asinh softening in units of the sky sigma.")
   flags.DEFINE_integer("min_valid_pixels", 500, "Reject spectra with fewer valid grid pixels.")
-  flags.DEFINE_integer("num_workers", min(os.cpu_count() or 1, 8), "Reader processes.")
+  flags.DEFINE_integer("num_workers", min(os.cpu_count() or 1, 8),
+                       "Reader processes (without --beam_runner).")
+  flags.DEFINE_string("beam_runner", None,
+                      "Read the galaxies with Apache Beam on this runner: DirectRunner, "
+                      "DataflowRunner, FlinkRunner, SparkRunner, ... Default: no Beam.")
+  flags.DEFINE_string("beam_options", "",
+                      "Beam pipeline options as one command line, e.g. \"--direct_num_workers=2 "
+                      "--direct_running_mode=multi_processing\"; needs --beam_runner.")
   flags.mark_flags_as_required(["raw_dir", "data_dir"])
   app.run(main)

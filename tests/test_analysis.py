@@ -161,12 +161,10 @@ def test_predict_matches_collect_predictions(run, test_split):
   total = got["attention"].sum(axis=(1, 2))
   assert np.all((total > 0) & (total <= 1 + 1e-5))
 
-  # The 68 % interval brackets the mean and the mode's bin, and lies inside the bins.
-  width = model.z_max / num_bins
+  # The 68 % interval lies inside the bins and, for these broad PDFs, brackets the mean. (The
+  # mode need not be inside it: a skewed PDF can peak in a bin holding under 16 % of the mass.)
   assert np.all((0 <= got["z_lo"]) & (got["z_lo"] < got["z_hi"]) & (got["z_hi"] <= model.z_max))
   assert np.all((got["z_lo"] <= got["z_mean"]) & (got["z_mean"] <= got["z_hi"]))
-  assert np.all(got["z_lo"] < got["z_mode"] + width / 2)
-  assert np.all(got["z_mode"] - width / 2 < got["z_hi"])
   # ... and its CDF values are 0.16 and 0.84 exactly (histogram CDF, linear within a bin).
   edges = analysis.z_edges(model)
   np.testing.assert_allclose(evaluate.pit(got["z_pdf"], edges, got["z_lo"]), 0.16, atol=1e-5)

@@ -219,16 +219,16 @@ TABLE_ROWS = (
     ("spectrum_r2", "spectrum R^2 (normalised, valid pixels)", "higher"),
     ("spectrum_mse", "spectrum weighted MSE (normalised)", "lower"),
     ("spectrum_reduced_chi2", "spectrum reduced chi^2", "lower"),
-    ("band_g_frac_error", "synthetic g flux |frac. error| (median)", "lower"),
-    ("band_r_frac_error", "synthetic r flux |frac. error| (median)", "lower"),
-    ("band_i_frac_error", "synthetic i flux |frac. error| (median)", "lower"),
-    ("band_z_frac_error", "synthetic z flux |frac. error| (median)", "lower"),
+    ("band_g_frac_error", "synthetic g flux: median abs. fractional error", "lower"),
+    ("band_r_frac_error", "synthetic r flux: median abs. fractional error", "lower"),
+    ("band_i_frac_error", "synthetic i flux: median abs. fractional error", "lower"),
+    ("band_z_frac_error", "synthetic z flux: median abs. fractional error", "lower"),
     ("z_mean_sigma_mad", "redshift sigma_MAD (PDF mean)", "lower"),
-    ("z_mean_outlier_fraction", "redshift outlier fraction eta (|dz|>0.05)", "lower"),
+    ("z_mean_outlier_fraction", "redshift outlier fraction eta (abs dz > 0.05)", "lower"),
     ("z_mean_bias", "redshift bias median(dz)", "closer to 0"),
     ("z_mode_sigma_mad", "redshift sigma_MAD (PDF mode)", "lower"),
     ("z_crps", "redshift CRPS", "lower"),
-    ("z_pit_max_deviation", "PIT histogram max |deviation| from flat", "lower"),
+    ("z_pit_max_deviation", "PIT histogram: max abs. deviation from flat", "lower"),
 )
 PREDICTORS = ("ASTRA", "mean spectrum", "colour kNN")
 

@@ -14,6 +14,8 @@ from flax import traverse_util
 
 from astra_jax.models import (Astra, MultiHeadAttention, PatchCNN, TransformerBlock,
                               TransformerEncoder, patch_grid, sincos_2d, z_bin_centers, z_pdf_stats)
+from astra_jax.models.astra import PatchConv
+from astra_jax.models.transformer import keep_mask
 
 BANDS = 5
 # One layer keeps compile times down; TransformerEncoder is tested with two layers below.
@@ -174,6 +176,35 @@ def test_patch_cnn_deterministic_local_and_differentiable(embedding):
   # Gradients exist and are non-zero for every parameter and for the input.
   for g in jax.tree.leaves(grads_p) + [grads_x]:
     assert bool(jnp.all(jnp.isfinite(g))) and float(jnp.max(jnp.abs(g))) > 0
+
+
+@pytest.mark.parametrize("shape,kernel_size", [((3, 8, 8, 5), 3), ((3, 16, 4), 3),
+                                               ((2, 6, 6, 3), 2), ((2, 7, 4), 5)])
+def test_patch_conv_is_nn_conv(shape, kernel_size):
+  # The im2col matmul is a SAME convolution with nn.Conv's parameters, initialisers and values.
+  x = jnp.asarray(np.random.default_rng(0).normal(size=shape), jnp.float32)
+  conv = PatchConv(6, kernel_size)
+  reference = nn.Conv(6, (kernel_size,) * (len(shape) - 2), padding="SAME")
+
+  @jax.jit
+  def run(key, x):
+    params, ref_params = conv.init(key, x), reference.init(key, x)
+    return params, ref_params, conv.apply(params, x), reference.apply(params, x)
+
+  params, ref_params, out, expected = run(_key(), x)
+  jax.tree.map(np.testing.assert_array_equal, params, ref_params)
+  np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_keep_mask_rate_and_independence():
+  masks = jax.jit(lambda k1, k2: (keep_mask(k1, (1000, 1000), 0.9), keep_mask(k1, (1000, 1000), 0.9),
+                                  keep_mask(k2, (1000, 1000), 0.9)))
+  m1, again, m2 = (np.asarray(m, np.float64) for m in masks(_key(1), _key(2)))
+  np.testing.assert_array_equal(m1, again)  # A pure function of the key.
+  # 1e6 Bernoulli(0.9) draws: std of the mean 3e-4, of a correlation 1e-3; 5 sigma.
+  assert abs(m1.mean() - 0.9) < 1.5e-3 and abs(m2.mean() - 0.9) < 1.5e-3
+  for a, b in [(m1, m2), (m1[:, :-1], m1[:, 1:]), (m1[:-1], m1[1:])]:
+    assert abs(np.corrcoef(a.ravel(), b.ravel())[0, 1]) < 5e-3
 
 
 @pytest.mark.parametrize("embedding", ["conv2d", "conv1d", "linear"])

@@ -10,6 +10,7 @@ normalisation, so `losses.denormalise(spectrum, log_norm)` gives flux in 1e-17 e
 """
 
 import dataclasses
+import itertools
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import flax.linen as nn
@@ -18,8 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from astra_jax.grid import NUM_PIXELS
-from astra_jax.models.common import (Dtype, canonical_dtype, conv_general_dilated_f32_acc,
-                                     dot_general_f32_acc)
+from astra_jax.models.common import Dtype, canonical_dtype, dot_general_f32_acc
 from astra_jax.models.transformer import TransformerEncoder
 
 PATCH_EMBEDDINGS = ("conv2d", "conv1d", "linear")
@@ -40,6 +40,47 @@ def _check_patch_embedding(value: str) -> None:
     raise ValueError(f"patch_embedding must be one of {PATCH_EMBEDDINGS}, got {value!r}")
 
 
+def im2col(x: jax.Array, kernel_size: int) -> jax.Array:
+  """SAME, stride-1 sliding windows as channels: (M, *spatial, C) -> (M, *spatial, k^d * C).
+
+  Channel (offset_index * C + c) of the output holds channel c of the input shifted by the
+  offset_index-th kernel offset in row-major order over the d spatial axes, zero outside the
+  input; so `im2col(x, k) @ kernel.reshape(-1, F)` equals a SAME convolution with a
+  (k, ..., k, C, F) kernel (cross-correlation, as `lax.conv_general_dilated` and `nn.Conv`).
+  """
+  spatial = x.shape[1:-1]
+  low = (kernel_size - 1) // 2
+  padded = jnp.pad(x, [(0, 0)] + [(low, kernel_size - 1 - low)] * len(spatial) + [(0, 0)])
+  views = [padded[(slice(None),) + tuple(slice(o, o + n) for o, n in zip(offsets, spatial))]
+           for offsets in itertools.product(range(kernel_size), repeat=len(spatial))]
+  return jnp.concatenate(views, axis=-1)
+
+
+class PatchConv(nn.Module):
+  """SAME, stride-1 convolution over each patch, as one matmul of its im2col windows.
+
+  x (M, *spatial, C) -> (M, *spatial, features) in `dtype`; the parameters (`kernel`
+  (k, ..., k, C, features), `bias` (features,)) and their initialisers are `nn.Conv`'s. XLA:CPU
+  runs small-channel convolutions (and above all their backward pass) far below its matmul rate;
+  as a matmul with contraction k^d * C the same arithmetic runs at matmul speed.
+  """
+  features: int
+  kernel_size: int = 3
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    ndim, channels = x.ndim - 2, x.shape[-1]
+    kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                        (self.kernel_size,) * ndim + (channels, self.features), self.param_dtype)
+    bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype)
+    cols = im2col(x.astype(self.dtype), self.kernel_size)
+    y = dot_general_f32_acc(cols, kernel.reshape(-1, self.features).astype(self.dtype),
+                            (((cols.ndim - 1,), (0,)), ((), ())))
+    return y + bias.astype(y.dtype)
+
+
 class PatchCNN(nn.Module):
   """Learned patch embedding: images (B, C, H, W) -> tokens (B, N, dim) in `dtype`.
 
@@ -52,6 +93,8 @@ class PatchCNN(nn.Module):
               flattened pixels with the C bands as channels, flatten, Dense(dim) (like-with-like
               timing against the seed).
     "linear": ViT-style Dense(dim) of the flattened p*p*C patch (no convolution).
+  The convolutions pad each patch with zeros (they never see a neighbouring patch) and run as
+  im2col matmuls (`PatchConv`), with the parameters of `nn.Conv`.
   """
   patch_size: int = 16
   dim: int = 256
@@ -75,11 +118,9 @@ class PatchCNN(nn.Module):
     if self.patch_embedding == "conv1d":
       x = x.reshape(batch * grid_h * grid_w, p * p, bands)
     if self.patch_embedding in ("conv2d", "conv1d"):
-      ndim = 2 if self.patch_embedding == "conv2d" else 1
       for i, features in enumerate(self.features):
-        x = nn.Conv(features, (self.kernel_size,) * ndim, padding="SAME", dtype=self.dtype,
-                    param_dtype=self.param_dtype, conv_general_dilated=conv_general_dilated_f32_acc,
-                    name=f"conv_{i}")(x)
+        x = PatchConv(features, self.kernel_size, dtype=self.dtype, param_dtype=self.param_dtype,
+                      name=f"conv_{i}")(x)
         x = nn.relu(x)
     x = x.reshape(batch, grid_h * grid_w, -1)
     return nn.Dense(self.dim, dtype=self.dtype, param_dtype=self.param_dtype,

@@ -15,7 +15,7 @@ from flax import traverse_util
 from astra_jax.models import (Astra, MultiHeadAttention, PatchCNN, TransformerBlock,
                               TransformerEncoder, patch_grid, sincos_2d, z_bin_centers, z_pdf_stats)
 from astra_jax.models.astra import PatchConv
-from astra_jax.models.transformer import keep_mask
+from astra_jax.models.transformer import QKVProjection, keep_mask
 
 BANDS = 5
 # One layer keeps compile times down; TransformerEncoder is tested with two layers below.
@@ -197,14 +197,18 @@ def test_patch_conv_is_nn_conv(shape, kernel_size):
 
 
 def test_keep_mask_rate_and_independence():
-  masks = jax.jit(lambda k1, k2: (keep_mask(k1, (1000, 1000), 0.9), keep_mask(k1, (1000, 1000), 0.9),
-                                  keep_mask(k2, (1000, 1000), 0.9)))
+  mask = lambda key: keep_mask(key, (1000, 1000), 0.9)
+  masks = jax.jit(lambda k1, k2: (mask(k1), mask(k1), mask(k2)))
   m1, again, m2 = (np.asarray(m, np.float64) for m in masks(_key(1), _key(2)))
   np.testing.assert_array_equal(m1, again)  # A pure function of the key.
   # 1e6 Bernoulli(0.9) draws: std of the mean 3e-4, of a correlation 1e-3; 5 sigma.
   assert abs(m1.mean() - 0.9) < 1.5e-3 and abs(m2.mean() - 0.9) < 1.5e-3
   for a, b in [(m1, m2), (m1[:, :-1], m1[:, 1:]), (m1[:-1], m1[1:])]:
     assert abs(np.corrcoef(a.ravel(), b.ravel())[0, 1]) < 5e-3
+  # A window of the mask is the mask of those rows of the full tensor.
+  full, rows = jax.jit(lambda k: (keep_mask(k, (3, 7, 5), 0.5),
+                                  keep_mask(k, (3, 1, 5), 0.5, ((3, 7, 5), (0, 6, 0)))))(_key(3))
+  np.testing.assert_array_equal(rows, full[:, 6:])
 
 
 @pytest.mark.parametrize("embedding", ["conv2d", "conv1d", "linear"])
@@ -262,6 +266,43 @@ def test_bf16_gradients_are_float32(tiny):
                                         rngs={"dropout": _key()})["spectrum"] ** 2)
   grads = jax.eval_shape(jax.grad(loss), params)
   assert {g.dtype for g in jax.tree.leaves(grads)} == {jnp.dtype(jnp.float32)}
+
+
+def test_summary_only_last_block_gives_the_same_outputs(tiny):
+  # Without collected intermediates the last block computes the summary token alone; with them
+  # every token. Same outputs, in training (same dropout masks) and in evaluation.
+  _, params, images, fns = tiny
+  model = Astra(**TINY)
+  full = _apply(model, train=True, mutable=["intermediates"])
+  for seed in (1, 2):
+    out, _ = full(params, images, rng=_key(seed))
+    short = fns["train"](params, images, rng=_key(seed))
+    for key in ("spectrum", "log_norm", "z_logits"):
+      np.testing.assert_allclose(short[key], out[key], rtol=1e-5, atol=1e-6, err_msg=key)
+  out, _ = fns["eval"](params, images)
+  short = _apply(model, train=False, return_attention=True)(params, images)
+  for key in out:
+    np.testing.assert_allclose(short[key], out[key], rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+def test_qkv_projection_is_dense_general():
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 5, 16)), jnp.float32)
+  qkv, reference = QKVProjection(num_heads=4, head_dim=4), nn.DenseGeneral((3, 4, 4))
+
+  @jax.jit
+  def run(key):
+    params = qkv.init(key, x)
+    q, k, v = qkv.apply(params, x)
+    last = qkv.apply(params, x, last_query_only=True)
+    return params, reference.init(key, x), (q, k, v), reference.apply(params, x), last
+
+  params, ref_params, (q, k, v), expected, (q1, k1, v1) = run(_key())
+  jax.tree.map(np.testing.assert_array_equal, params, ref_params)
+  for i, got in enumerate((q, k, v)):
+    np.testing.assert_allclose(got, expected[:, :, i], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(q1, q[:, -1:], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(k1, k, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(v1, v, rtol=1e-5, atol=1e-6)
 
 
 def test_z_bin_centers():

@@ -60,9 +60,15 @@ def test_augmentation_is_a_dihedral_map_preserving_flux(tiny_dataset):
   assert moved > 0
 
 
-def test_dihedral_gives_eight_distinct_images():
-  image = tf.reshape(tf.range(2 * 3 * 3, dtype=tf.float32), (2, 3, 3))
-  outs = {pipeline.dihedral(image, tf.constant(k)).numpy().tobytes() for k in range(8)}
+def test_dihedral_is_rot90_then_flip():
+  image = np.arange(2 * 3 * 3, dtype=np.float32).reshape(2, 3, 3)
+  outs = set()
+  for k in range(8):
+    expected = np.rot90(image, k % 4, axes=(1, 2))
+    expected = expected[:, :, ::-1] if k >= 4 else expected
+    got = pipeline.dihedral(tf.constant(image), tf.constant(k)).numpy()
+    np.testing.assert_array_equal(got, expected, err_msg=f"k={k}")
+    outs.add(got.tobytes())
   assert len(outs) == 8
 
 

@@ -63,12 +63,18 @@ def _decoder(builder, keys):
   return decode
 
 
+# Dihedral element k = rot90^(k % 4), then a left-right flip if k >= 4; on a (bands, H, W) image
+# that is a transpose of H and W for odd k, then reversals of (H, W) as below: at most two copies
+# of the image instead of the four of transpose + rot90 + flip + transpose.
+_DIHEDRAL_REVERSE = tf.constant([[False, False], [True, False], [True, True], [False, True],
+                                 [False, True], [True, True], [True, False], [False, False]])
+
+
 def dihedral(image: tf.Tensor, k: tf.Tensor) -> tf.Tensor:
-  """One of the 8 flips/90-degree rotations (k in 0..7) of a (bands, H, W) image."""
-  hwc = tf.transpose(image, (1, 2, 0))
-  hwc = tf.image.rot90(hwc, k=k % 4)
-  hwc = tf.cond(k >= 4, lambda: tf.image.flip_left_right(hwc), lambda: hwc)
-  return tf.transpose(hwc, (2, 0, 1))
+  """One of the 8 flips/90-degree rotations (k in 0..7) of a square (bands, H, W) image:
+  `np.rot90(image, k % 4, axes=(1, 2))`, then reversed along W if k >= 4."""
+  image = tf.cond(k % 2 == 1, lambda: tf.transpose(image, (0, 2, 1)), lambda: image)
+  return tf.reverse(image, tf.boolean_mask(tf.constant([1, 2]), _DIHEDRAL_REVERSE[k]))
 
 
 def per_host_batch(global_batch: int, process_count: int) -> int:

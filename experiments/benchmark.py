@@ -19,6 +19,9 @@ machine's load; ratios taken minutes apart drift much less):
   input pipeline `pipeline.train_dataset` over a prepared 288x288x5 mock, samples/s per core;
   prepare        `prepare.prepare` of a fresh mock with 1 worker and with one worker per core,
                  galaxies/s per core, end to end (imports excluded);
+  predict        `predict.predict_folder` of the mock's cutouts with a freshly initialised small
+                 model: the forward pass alone, reading + preprocessing alone, and end to end,
+                 galaxies/s per core;
   checkpoint     Orbax save + restore of the seed's full TrainState (`train.checkpoint_managers`,
                  `train.restore_or_init`);
   peak RSS       of this process and of its largest child.
@@ -64,7 +67,7 @@ _TORCH_PYTHON = flags.DEFINE_string(
     "empty: the peer is skipped.")
 _TORCH_PEER = flags.DEFINE_string(
     "torch_peer", "", "Path of torch_seed_model.py; empty: shared/peers/ beside or above the repo.")
-_SECTIONS = flags.DEFINE_list("sections", ["matmul", "train", "checkpoint", "data"],
+_SECTIONS = flags.DEFINE_list("sections", ["matmul", "train", "checkpoint", "data", "predict"],
                               "Which parts to run.")
 _CONFIGS = flags.DEFINE_list("configs", ["seed", "small"], "Config variants of the train step.")
 _DTYPES = flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Compute dtypes of the train step.")
@@ -377,17 +380,24 @@ def checkpoint_section(tmp: str):
 # ---------------------------------------------------------------- data
 
 
+def mock_survey(tmp: str, num_galaxies: int) -> str:
+  """The raw folder of a mock survey of `num_galaxies` (generated once per run)."""
+  from astra_jax.data import mock  # pylint: disable=g-import-not-at-top
+  raw = os.path.join(tmp, "raw")
+  if not os.path.isdir(raw):
+    t = time.perf_counter()
+    mock.generate_survey(raw, num_galaxies, seed=0, num_workers=cores())
+    print(f"# mock survey: {num_galaxies} galaxies in {time.perf_counter() - t:.1f} s", flush=True)
+  return raw
+
+
 def data_section(tmp: str, num_galaxies: int, quick: bool):
   """prepare galaxies/s (1 worker, and per core with one worker per core); pipeline samples/s."""
-  from astra_jax.data import mock  # pylint: disable=g-import-not-at-top
   from astra_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from astra_jax.data import prepare  # pylint: disable=g-import-not-at-top
   from astra_jax.data import astropixel  # pylint: disable=g-import-not-at-top,unused-import
   prepare.hide_gpus_from_tensorflow()  # And the imports above: not part of prepare's time.
-  raw = os.path.join(tmp, "raw")
-  t = time.perf_counter()
-  mock.generate_survey(raw, num_galaxies, seed=0, num_workers=cores())
-  print(f"# mock survey: {num_galaxies} galaxies in {time.perf_counter() - t:.1f} s", flush=True)
+  raw = mock_survey(tmp, num_galaxies)
   dataset_dir = None
   for workers in (1, cores()):
     t = time.perf_counter()
@@ -415,6 +425,60 @@ def data_section(tmp: str, num_galaxies: int, quick: bool):
   emit("input pipeline 288x288x5, augment", round(rate / cores(), 1), "samples/s/core",
        samples_per_s=round(rate, 1), batch=batch, batches=n, cores=cores(),
        image_shape=list(example["image"].shape[1:]))
+
+
+# ---------------------------------------------------------------- predict
+
+
+def predict_section(tmp: str, raw: str, num_galaxies: int, variant: str = "small"):
+  """Image-only prediction (`predict.predict_folder`) of the mock's cutouts, galaxies/s/core.
+
+  The model is `variant` with freshly initialised parameters, saved as a run's checkpoint (the
+  rate does not depend on their values). Figures: the jitted forward pass alone (images in
+  memory), reading + preprocessing alone (one process), and end to end with one reading worker
+  per core: overall (start-up and compilation included) and steady (after the first batch).
+  """
+  from astra_jax import analysis  # pylint: disable=g-import-not-at-top
+  from astra_jax import predict  # pylint: disable=g-import-not-at-top
+  from astra_jax.data import astropixel  # pylint: disable=g-import-not-at-top
+  config = baseline.get_config(variant)
+  workdir = os.path.join(tmp, f"predict-{variant}")
+  os.makedirs(workdir, exist_ok=True)
+  mesh = train.create_mesh(jax.devices())
+  model, tx = train.make_model(config), train.make_optimizer(config)
+  train.write_config(config, workdir)
+  latest, _ = train.checkpoint_managers(workdir, config)
+  latest.save(0, args=ocp.args.StandardSave(train.init_state(config, model, tx, mesh)))
+  latest.wait_until_finished()
+  latest.close()
+  batch = 32
+  _, model, params = analysis.restore(workdir)
+  images = np.random.default_rng(0).normal(size=(batch, *train.image_shape(config)))
+  forward = lambda: analysis.predict(model, params, images.astype(np.float32), batch_size=batch)
+  seconds = median_time(forward, reps=3)
+  emit(f"predict forward {variant} {config.dtype}", round(batch / seconds / cores(), 1),
+       "galaxies/s/core", batch=batch, batch_s=round(seconds, 3),
+       image_shape=list(images.shape[1:]))
+  data_config = astropixel.make_config(bands=config.bands.split(","),
+                                       image_size=config.image_size,
+                                       stretch_beta=config.stretch_beta)
+  jobs, _ = predict.find_galaxies(raw, data_config.bands)
+  t = time.perf_counter()
+  loaded = predict.load_task(jobs, data_config, "reject")
+  seconds = time.perf_counter() - t
+  emit("predict read+preprocess, 1 process", round(len(loaded["ids"]) / seconds, 1),
+       "galaxies/s/core", galaxies=len(jobs), ms_per_galaxy=round(1e3 * seconds / len(jobs), 1),
+       note="5 bands of 288x288 FITS, stretch, bin to the model size")
+  summary = predict.predict_folder(workdir, raw, os.path.join(tmp, "predictions.fits"),
+                                   batch_size=batch, num_workers=cores(), truth=None)
+  assert summary["predicted"] == num_galaxies, summary
+  steady = summary["steady_galaxies_per_s"]
+  emit(f"predict end to end {variant}, {cores()} workers",
+       round(steady / cores(), 1) if steady else None, "galaxies/s/core",
+       galaxies=num_galaxies, batch=batch, steady_galaxies_per_s=steady,
+       overall_galaxies_per_s=summary["galaxies_per_s"], startup_s=summary["startup_s"],
+       seconds=summary["seconds"], note="steady: after the first batch; overall: start-up, "
+       "restore and compilation included")
 
 
 # ---------------------------------------------------------------- report
@@ -490,6 +554,9 @@ def goals(peaks) -> list[str]:
     if r["figure"].startswith("prepare") and r["galaxies"]:
       out.append(f"{r['figure']}: {r['value']} galaxies/s/core (goal >= 50): "
                  f"{'met' if r['value'] >= 50 else 'NOT met'}")
+    if r["figure"].startswith("predict end to end") and r["value"] is not None:
+      out.append(f"{r['figure']}: {r['value']} galaxies/s/core (goal >= 50): "
+                 f"{'met' if r['value'] >= 50 else 'NOT met'}")
     if r["figure"].startswith("checkpoint"):
       out.append(f"checkpoint save+restore: {r['value']} s (goal < 5 s): "
                  f"{'met' if r['value'] < 5 else 'NOT met'}")
@@ -507,6 +574,7 @@ def main(argv):
   print(f"# command: {' '.join(command)}", flush=True)
   tmp = tempfile.mkdtemp(prefix="astra-bench-", dir=_TMP_DIR.value or None)
   peaks = {}
+  galaxies = _GALAXIES.value or (48 if quick else 96)
   try:
     if "matmul" in sections:
       peaks = matmul_peak(reps=3 if quick else 5)
@@ -516,7 +584,9 @@ def main(argv):
     if "checkpoint" in sections:
       checkpoint_section(tmp)
     if "data" in sections:
-      data_section(tmp, _GALAXIES.value or (48 if quick else 96), quick)
+      data_section(tmp, galaxies, quick)
+    if "predict" in sections:
+      predict_section(tmp, mock_survey(tmp, galaxies), galaxies)
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
   self_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

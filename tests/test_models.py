@@ -181,19 +181,29 @@ def test_patch_cnn_deterministic_local_and_differentiable(embedding):
 @pytest.mark.parametrize("shape,kernel_size", [((3, 8, 8, 5), 3), ((3, 16, 4), 3),
                                                ((2, 6, 6, 3), 2), ((2, 7, 4), 5)])
 def test_patch_conv_is_nn_conv(shape, kernel_size):
-  # The im2col matmul is a SAME convolution with nn.Conv's parameters, initialisers and values.
+  # A SAME convolution with nn.Conv's parameters, initialisers, values and gradients (its
+  # backward pass is the im2col matmul's, its forward pass the native convolution).
   x = jnp.asarray(np.random.default_rng(0).normal(size=shape), jnp.float32)
   conv = PatchConv(6, kernel_size)
   reference = nn.Conv(6, (kernel_size,) * (len(shape) - 2), padding="SAME")
+  weights = jnp.asarray(np.random.default_rng(1).normal(size=shape[:-1] + (6,)), jnp.float32)
 
   @jax.jit
   def run(key, x):
     params, ref_params = conv.init(key, x), reference.init(key, x)
-    return params, ref_params, conv.apply(params, x), reference.apply(params, x)
+    grad = lambda f: jax.grad(lambda p, x: jnp.sum(weights * f(p, x) ** 2), argnums=(0, 1))(
+        params, x)
+    apply = [lambda p, x: conv.apply(p, x), lambda p, x: conv.apply(p, x, train=True),
+             reference.apply]
+    return params, ref_params, [f(params, x) for f in apply], [grad(f) for f in apply]
 
-  params, ref_params, out, expected = run(_key(), x)
+  params, ref_params, outs, grads = run(_key(), x)
   jax.tree.map(np.testing.assert_array_equal, params, ref_params)
-  np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+  assert float(jnp.max(jnp.abs(grads[0][1]))) > 0
+  for out, grad in zip(outs[:2], grads[:2]):  # Inference and training ways, vs nn.Conv.
+    np.testing.assert_allclose(out, outs[2], rtol=1e-5, atol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), grad,
+                 grads[2])
 
 
 def test_keep_mask_rate_and_independence():

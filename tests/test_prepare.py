@@ -2,6 +2,7 @@
 
 import csv
 import json
+import multiprocessing
 import os
 import shutil
 import subprocess
@@ -12,6 +13,8 @@ import pytest
 import tensorflow_datasets as tfds
 
 from astra_jax import grid
+from astra_jax.data import astropixel
+from astra_jax.data import examples
 from astra_jax.data import fits_io
 from astra_jax.data import mock
 from astra_jax.data import prepare
@@ -185,3 +188,33 @@ def test_cli_prints_the_summary_line_and_reuses(survey, tmp_path):
 def test_missing_catalog_is_a_clear_error(tmp_path):
   with pytest.raises(fits_io.InputError, match="data.csv: missing data.csv"):
     prepare.prepare(str(tmp_path), str(tmp_path / "out"), image_size=32)
+
+
+def test_workers_give_the_same_dataset(survey, tmp_path):
+  result = prepare.prepare(survey["raw"], str(tmp_path), image_size=32, num_workers=2)
+  for name in ("manifest.jsonl", "rejected.jsonl"):
+    with open(os.path.join(result["dataset_dir"], name)) as f:
+      with open(os.path.join(survey["result"]["dataset_dir"], name)) as g:
+        assert f.read() == g.read(), name
+  builder = tfds.builder_from_directory(result["dataset_dir"])
+  reference = tfds.builder_from_directory(survey["result"]["dataset_dir"])
+  assert set(builder.info.splits) == set(reference.info.splits)
+  for split in builder.info.splits:
+    ours = builder.as_dataset(split=split, shuffle_files=False)
+    theirs = reference.as_dataset(split=split, shuffle_files=False)
+    for a, b in zip(tfds.as_numpy(ours), tfds.as_numpy(theirs), strict=True):
+      for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_reader_processes_do_not_import_tensorflow(survey):
+  row = next(r for r in fits_io.read_catalog(os.path.join(survey["raw"], "data.csv"))
+             if r.specobj_id == survey["ids"][0])
+  job = (os.path.join(survey["raw"], f"Galaxy_{row.specobj_id}"), row,
+         examples.ExampleConfig.of(astropixel.make_config(image_size=32)))
+  with multiprocessing.get_context("spawn").Pool(1) as pool:
+    key, example, rejected = pool.apply(examples.try_example, (job,))
+    loaded = pool.apply(eval, ("[m for m in ('tensorflow', 'tensorflow_datasets', 'jax') "
+                               "if m in __import__('sys').modules]",))
+  assert key == row.specobj_id and rejected is None and example["image"].shape == (5, 32, 32)
+  assert loaded == []

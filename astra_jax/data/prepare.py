@@ -87,19 +87,17 @@ def _absolute(path: str) -> str:
 
 
 def _write_accounts(builder, dataset_dir: str):
-  """rejected.jsonl and manifest.jsonl: where every raw galaxy went."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  """rejected.jsonl and manifest.jsonl: where every raw galaxy went.
+
+  The manifest lists each split's galaxies (sorted by specobj_id), then the rejected ones.
+  """
   with epath.Path(dataset_dir, "rejected.jsonl").open("w") as f:
     for r in builder.rejections:
       f.write(json.dumps(r) + "\n")
   with epath.Path(dataset_dir, "manifest.jsonl").open("w") as f:
     for split in builder.info.splits:
-      ds = builder.as_dataset(split=split, shuffle_files=False,
-                              decoders={"image": tfds.decode.SkipDecoding(),
-                                        "flux": tfds.decode.SkipDecoding(),
-                                        "weight": tfds.decode.SkipDecoding()})
-      for ex in ds.as_numpy_iterator():
-        f.write(json.dumps({"specobj_id": ex["specobj_id"].decode(), "split": split}) + "\n")
+      for specobj_id in builder.stored_ids(split):
+        f.write(json.dumps({"specobj_id": specobj_id, "split": split}) + "\n")
     for r in builder.rejections:
       f.write(json.dumps({"specobj_id": r["specobj_id"], "split": "rejected",
                           "reason": r["reason"]}) + "\n")

@@ -5,6 +5,7 @@ stack pipeline, so 0 is the sky level); wavelengths in Angstrom (vacuum, observe
 densities in 1e-17 erg/s/cm^2/Angstrom, inverse variances in their inverse square.
 """
 
+import functools
 import hashlib
 import math
 from typing import Optional, Sequence
@@ -352,6 +353,16 @@ def zero_point(header) -> float:
   return float("nan")
 
 
+@functools.lru_cache(maxsize=8)
+def _aperture_mask(h: int, w: int, diameter_arcsec: float, pixel_scale_arcsec: float):
+  """(h, w) bool: pixels whose centre is within the centred aperture (read-only, cached)."""
+  yy, xx = np.mgrid[:h, :w]
+  r2 = (yy - (h - 1) / 2) ** 2 + (xx - (w - 1) / 2) ** 2
+  inside = r2 <= (0.5 * diameter_arcsec / pixel_scale_arcsec) ** 2
+  inside.flags.writeable = False
+  return inside
+
+
 def aperture_flux(images: np.ndarray, headers, diameter_arcsec: float = APERTURE_DIAMETER_ARCSEC,
                   pixel_scale_arcsec: float = PS1_PIXEL_SCALE_ARCSEC) -> np.ndarray:
   """Flux in a centred circular aperture per band, in nanomaggies (AB mag = 22.5 - 2.5 log10 f).
@@ -360,11 +371,14 @@ def aperture_flux(images: np.ndarray, headers, diameter_arcsec: float = APERTURE
   Pixels count whole if their centre is inside the aperture; non-finite pixels count as 0.
   Returns (bands,) float32, NaN for a band without a zero point.
   """
-  _, h, w = images.shape
-  yy, xx = np.mgrid[:h, :w]
-  r2 = (yy - (h - 1) / 2) ** 2 + (xx - (w - 1) / 2) ** 2
-  inside = r2 <= (0.5 * diameter_arcsec / pixel_scale_arcsec) ** 2
-  counts = np.nansum(np.where(inside, images, 0.0), axis=(1, 2))
+  images = np.asarray(images)
+  inside = _aperture_mask(images.shape[1], images.shape[2], diameter_arcsec, pixel_scale_arcsec)
+  # The sum runs over the whole zero-filled image, as np.nansum(np.where(inside, images, 0.0))
+  # does, so that the float32 rounding is the same; only the aperture's pixels are copied.
+  selected = images[:, inside]
+  masked = np.zeros(images.shape, np.result_type(images, 0.0))
+  masked[:, inside] = np.where(np.isnan(selected), 0, selected)
+  counts = masked.sum(axis=(1, 2))
   zps = np.array([zero_point(hd) for hd in headers])
   return (counts * 10.0 ** (-0.4 * (zps - 22.5))).astype(np.float32)
 

@@ -7,7 +7,7 @@ Input layouts (both may share one folder; an id is any file-name stem, not only 
   DIR/Galaxy_{id}/images/{id}_{band}.fits     ASTROPIXEL (spectrum/ folders, data.csv unused)
   DIR/{id}_{band}.fits                        flat
 
-A band file may also be `.fits.fz` or `.fits.gz`. Images go through `astropixel.image_example`
+A band file may also be `.fits.fz` or `.fits.gz`. Images go through `examples.image_example`
 with the bands, image_size and stretch_beta of the checkpoint's config.json: the very code that
 prepared the training set. Cutouts must be 288 x 288 (`resize="reject"`, the default); with
 `resize="bin"` any square cutout whose side is a multiple of image_size is mean-binned to it after
@@ -16,7 +16,7 @@ scale: a 576 px cutout at 0.125"/px covers the training field (72"); one at PS1'
 twice it, and the model sees its galaxy at half the size it was trained on.
 
 Every galaxy found is either one row of the table or one line of the rejection file
-(`astropixel.rejection` JSON lines with a stable `fits_io` / `preprocess` reason); a bad galaxy
+(`examples.rejection` JSON lines with a stable `fits_io` / `preprocess` reason); a bad galaxy
 never stops the run. Reading and preprocessing run in `num_workers` spawned processes, a bounded
 number of tasks ahead of the model, so memory does not grow with the folder; the model runs
 jitted over this process's devices (`analysis.predict`); rows are streamed to the FITS file.
@@ -26,7 +26,7 @@ the first band's WCS; NaN without a celestial WCS), z_mean, z_mode, z_lo, z_hi (
 interval), z_pdf (num_z_bins,) per bin, flux_pred (4000,) in 1e-17 erg/s/cm^2/Angstrom on the
 vacuum observed-frame grid LOGLAM0 + DLOGLAM * i (header cards). HDU 2 Z_EDGES: the bin edges.
 jax and the model are imported only by `predict_folder`: workers import this module and need
-neither.
+neither (nor TensorFlow: `examples` is the TF-free half of the astropixel builder).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from astra_jax import grid
-from astra_jax.data import astropixel
+from astra_jax.data import examples
 from astra_jax.data import fits_io
 
 RESIZE_MODES = ("reject", "bin")
@@ -96,7 +96,7 @@ def find_galaxies(images_dir: str, bands: Iterable[str]) -> tuple[list[Job], lis
   for i in sorted(flat):
     path = os.path.join(images_dir, f"{i}_{pattern}.fits")
     if i in folders:
-      rejections.append(astropixel.rejection(i, path, DUPLICATE_ID,
+      rejections.append(examples.rejection(i, path, DUPLICATE_ID,
                                              f"also {folders[i]}; that one is used"))
     else:
       jobs.append(Job(i, images_dir, path))
@@ -136,14 +136,14 @@ def read_cutouts(job: Job, bands: tuple[str, ...]) -> tuple[np.ndarray, tuple]:
   return images, tuple(headers)
 
 
-def check_shape(shape: tuple[int, int], config: astropixel.AstropixelConfig, resize: str,
+def check_shape(shape: tuple[int, int], config: examples.ExampleConfig, resize: str,
                 path: str):
   """Raises InputError(WRONG_SHAPE) unless cutouts of `shape` (H, W) may go to the model.
 
   reject: only the 288 x 288 cutouts of training. bin: square, side a multiple of image_size.
   """
   if resize == "reject":
-    raw = (astropixel.RAW_IMAGE_SIZE,) * 2
+    raw = (examples.RAW_IMAGE_SIZE,) * 2
     ok, want = shape == raw, f"expected {raw}"
   elif resize == "bin":
     ok = shape[0] == shape[1] and shape[0] % config.image_size == 0
@@ -179,17 +179,17 @@ def centre_ra_dec(header, shape: tuple[int, int]) -> tuple[float, float]:
     return math.nan, math.nan
 
 
-def load_galaxy(job: Job, config: astropixel.AstropixelConfig, resize: str
+def load_galaxy(job: Job, config: examples.ExampleConfig, resize: str
                 ) -> tuple[np.ndarray, float, float]:
   """(model image (bands, S, S) float32, ra, dec) of one job. Raises fits_io.InputError."""
   images, headers = read_cutouts(job, config.bands)
   shape = images.shape[1:]
   check_shape(shape, config, resize, job.path)
-  image = astropixel.image_example(images, config, job.path)
+  image = examples.image_example(images, config, job.path)
   return (image,) + centre_ra_dec(headers[0], shape)
 
 
-def load_task(jobs: list[Job], config: astropixel.AstropixelConfig, resize: str) -> dict:
+def load_task(jobs: list[Job], config: examples.ExampleConfig, resize: str) -> dict:
   """A worker's task: {"ids" (n,), "image" (n, bands, S, S) float32, "ra", "dec" (n,) float64,
   "rejections": [...]} for the good and the rejected galaxies of `jobs`, in order."""
   ids, images, coords, rejections = [], [], [], []
@@ -197,10 +197,10 @@ def load_task(jobs: list[Job], config: astropixel.AstropixelConfig, resize: str)
     try:
       image, ra, dec = load_galaxy(job, config, resize)
     except fits_io.InputError as e:
-      rejections.append(astropixel.rejection(job.specobj_id, e.path, e.reason, e.detail))
+      rejections.append(examples.rejection(job.specobj_id, e.path, e.reason, e.detail))
       continue
     except Exception as e:  # pylint: disable=broad-except  # Reported; the run goes on.
-      rejections.append(astropixel.rejection(job.specobj_id, job.path, UNEXPECTED, repr(e)))
+      rejections.append(examples.rejection(job.specobj_id, job.path, UNEXPECTED, repr(e)))
       continue
     ids.append(job.specobj_id)
     images.append(image)
@@ -220,7 +220,7 @@ class Reader:
   does not grow with the number of galaxies. Use as a context manager (closes the pool).
   """
 
-  def __init__(self, jobs: list[Job], config: astropixel.AstropixelConfig, resize: str,
+  def __init__(self, jobs: list[Job], config: examples.ExampleConfig, resize: str,
                num_workers: int):
     self._tasks = (jobs[i:i + GALAXIES_PER_TASK] for i in range(0, len(jobs), GALAXIES_PER_TASK))
     self._args = (config, resize)
@@ -419,7 +419,7 @@ def predict_folder(workdir: str, images_dir: str, out_path: str, batch_size: int
   if resize not in RESIZE_MODES:
     raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
   config = analysis.load_config(workdir)
-  data_config = astropixel.make_config(bands=config.bands.split(","),
+  data_config = examples.ExampleConfig(bands=tuple(config.bands.split(",")),
                                        image_size=config.image_size,
                                        stretch_beta=config.stretch_beta)
   jobs, rejections = find_galaxies(images_dir, data_config.bands)

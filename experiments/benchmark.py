@@ -18,7 +18,7 @@ machine's load; ratios taken minutes apart drift much less):
                  bound on its rate, so vs_torch is then a lower bound;
   input pipeline `pipeline.train_dataset` over a prepared 288x288x5 mock, samples/s per core;
   prepare        `prepare.prepare` of a fresh mock with 1 worker and with one worker per core,
-                 galaxies/s per core, end to end (imports excluded);
+                 galaxies/s per core, end to end (in a fresh process, imports excluded);
   predict        `predict.predict_folder` of the mock's cutouts with a freshly initialised small
                  model: the forward pass alone, reading + preprocessing alone, and end to end,
                  galaxies/s per core;
@@ -79,8 +79,8 @@ _TORCH_TIMEOUT = flags.DEFINE_integer(
 _SEED_BATCH = flags.DEFINE_integer("seed_batch", 8, "Batch of the seed config (the peer's).")
 _STEPS = flags.DEFINE_integer("steps", 0, "Timed train steps; 0: 5, or 2 with --quick.")
 _RNG_IMPL = flags.DEFINE_string("rng_impl", "", "Dropout RNG; empty: the config's rng_impl.")
-_GALAXIES = flags.DEFINE_integer("galaxies", 0, "Mock galaxies for the data figures; 0: 96, "
-                                 "or 48 with --quick.")
+_GALAXIES = flags.DEFINE_integer("galaxies", 0, "Mock galaxies for the data figures; 0: 192, "
+                                 "or 96 with --quick.")
 _TMP_DIR = flags.DEFINE_string("tmp_dir", "", "Where mocks and checkpoints go (default: $TMPDIR).")
 
 FIGURES: list[dict] = []
@@ -391,24 +391,46 @@ def mock_survey(tmp: str, num_galaxies: int) -> str:
   return raw
 
 
+# Times `prepare.prepare` in a fresh process whose __main__ is this snippet: spawned reader
+# processes re-import the parent's main module, and this benchmark's imports jax and the models.
+_PREPARE_SNIPPET = """
+import json, resource, sys, time
+from astra_jax.data import prepare
+from astra_jax.data import astropixel
+prepare.hide_gpus_from_tensorflow()
+raw, out, workers = sys.argv[1], sys.argv[2], int(sys.argv[3])
+cpu = lambda: sum(getattr(resource.getrusage(w), f) for w in (resource.RUSAGE_SELF,
+    resource.RUSAGE_CHILDREN) for f in ("ru_utime", "ru_stime"))
+if __name__ == "__main__":
+  t, c = time.perf_counter(), cpu()
+  summary = prepare.prepare(raw, out, image_size=288, num_workers=workers)
+  print(json.dumps(dict(summary, seconds=time.perf_counter() - t, cpu_s=cpu() - c)))
+"""
+
+
+def time_prepare(raw: str, out: str, workers: int) -> dict:
+  """prepare's summary plus `seconds` (wall) and `cpu_s` (with its workers), imports excluded."""
+  proc = subprocess.run([sys.executable, "-c", _PREPARE_SNIPPET, raw, out, str(workers)],
+                        capture_output=True, text=True, cwd=_REPO, check=False)
+  lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
+  if proc.returncode or not lines:
+    raise RuntimeError(f"prepare failed: {proc.stderr.strip().splitlines()[-3:]}")
+  return json.loads(lines[-1])
+
+
 def data_section(tmp: str, num_galaxies: int, quick: bool):
   """prepare galaxies/s (1 worker, and per core with one worker per core); pipeline samples/s."""
   from astra_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  from astra_jax.data import prepare  # pylint: disable=g-import-not-at-top
-  from astra_jax.data import astropixel  # pylint: disable=g-import-not-at-top,unused-import
-  prepare.hide_gpus_from_tensorflow()  # And the imports above: not part of prepare's time.
   raw = mock_survey(tmp, num_galaxies)
   dataset_dir = None
   for workers in (1, cores()):
-    t = time.perf_counter()
-    summary = prepare.prepare(raw, os.path.join(tmp, f"tfds-{workers}"), image_size=288,
-                              num_workers=workers)
-    seconds = time.perf_counter() - t
-    written = sum(summary["written"].values())
+    summary = time_prepare(raw, os.path.join(tmp, f"tfds-{workers}"), workers)
+    seconds = summary["seconds"]
     emit(f"prepare {workers} worker(s), 288 px", round(num_galaxies / seconds / workers, 2),
-         "galaxies/s/core", galaxies=num_galaxies, written=written,
+         "galaxies/s/core", galaxies=num_galaxies, written=sum(summary["written"].values()),
          rejected=summary["rejected"], seconds=round(seconds, 2),
-         galaxies_per_s=round(num_galaxies / seconds, 2))
+         galaxies_per_s=round(num_galaxies / seconds, 2),
+         galaxies_per_cpu_s=round(num_galaxies / summary["cpu_s"], 2))
     dataset_dir = dataset_dir or summary["dataset_dir"]
   batch = 32
   ds = pipeline.train_dataset(dataset_dir, global_batch=batch, seed=0, process_index=0,
@@ -440,7 +462,7 @@ def predict_section(tmp: str, raw: str, num_galaxies: int, variant: str = "small
   """
   from astra_jax import analysis  # pylint: disable=g-import-not-at-top
   from astra_jax import predict  # pylint: disable=g-import-not-at-top
-  from astra_jax.data import astropixel  # pylint: disable=g-import-not-at-top
+  from astra_jax.data import examples  # pylint: disable=g-import-not-at-top
   config = baseline.get_config(variant)
   workdir = os.path.join(tmp, f"predict-{variant}")
   os.makedirs(workdir, exist_ok=True)
@@ -459,7 +481,7 @@ def predict_section(tmp: str, raw: str, num_galaxies: int, variant: str = "small
   emit(f"predict forward {variant} {config.dtype}", round(batch / seconds / cores(), 1),
        "galaxies/s/core", batch=batch, batch_s=round(seconds, 3),
        image_shape=list(images.shape[1:]))
-  data_config = astropixel.make_config(bands=config.bands.split(","),
+  data_config = examples.ExampleConfig(bands=tuple(config.bands.split(",")),
                                        image_size=config.image_size,
                                        stretch_beta=config.stretch_beta)
   jobs, _ = predict.find_galaxies(raw, data_config.bands)
@@ -574,7 +596,7 @@ def main(argv):
   print(f"# command: {' '.join(command)}", flush=True)
   tmp = tempfile.mkdtemp(prefix="astra-bench-", dir=_TMP_DIR.value or None)
   peaks = {}
-  galaxies = _GALAXIES.value or (48 if quick else 96)
+  galaxies = _GALAXIES.value or (96 if quick else 192)
   try:
     if "matmul" in sections:
       peaks = matmul_peak(reps=3 if quick else 5)

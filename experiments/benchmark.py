@@ -27,7 +27,7 @@ machine's load; ratios taken minutes apart drift much less):
   peak RSS       of this process and of its largest child.
 Prints one JSON line per figure ({"figure", "value", "unit", "vs_torch", ...}), then markdown
 tables and the goals. --quick: 2 timed steps (peer: 1 after its warmup, 90 s at most), the seed
-config peer-matched only, 48 galaxies; about 15 minutes on 2 AVX2 cores (a seed step of batch 8
+config peer-matched only, 96 galaxies; about 15 minutes on 2 AVX2 cores (a seed step of batch 8
 takes ~33 s there), about 5 without the peer.
 """
 

@@ -15,8 +15,8 @@ With a `beam_runner` or `beam_options` in the `DownloadConfig` the galaxies are 
 Beam pipeline (the optional `[beam]` extra) instead of in this process: the examples and the
 rejections are the same, in the same order, as without Beam.
 
-The per-galaxy work lives in the TensorFlow-free `astra_jax.data.examples` (re-exported here), so
-that reader processes start without importing tensorflow_datasets.
+The per-galaxy work lives in the TensorFlow-free `astra_jax.data.examples`, so that reader
+processes start without importing tensorflow_datasets.
 """
 
 from __future__ import annotations
@@ -35,9 +35,6 @@ from astra_jax import grid
 from astra_jax.data import examples
 from astra_jax.data import fits_io
 from astra_jax.data import preprocess
-# Re-exported: prediction and the tests use them through this module.
-from astra_jax.data.examples import galaxy_example  # pylint: disable=unused-import
-from astra_jax.data.examples import image_example  # pylint: disable=unused-import
 from astra_jax.data.examples import RAW_IMAGE_SIZE
 from astra_jax.data.examples import rejection
 
@@ -58,21 +55,9 @@ def import_beam():
 
 
 @dataclasses.dataclass
-class AstropixelConfig(tfds.core.BuilderConfig):
-  """How raw galaxies become examples; one prepared dataset per config.
-
-  Attributes:
-    bands: band letters in the fixed order of the `image` axis 0.
-    image_size: stored image size in pixels; the 288x288 cutouts are mean-binned to it.
-    stretch_beta: asinh softening in units of each band's sky sigma.
-    min_valid_pixels: galaxies with fewer grid pixels of weight > 0 are rejected.
-    max_nonfinite_fraction: images with a larger non-finite fraction are rejected.
-  """
-  bands: tuple[str, ...] = grid.PS1_BANDS
-  image_size: int = RAW_IMAGE_SIZE
-  stretch_beta: float = 2.5
-  min_valid_pixels: int = 500
-  max_nonfinite_fraction: float = 0.5
+class AstropixelConfig(examples.ExampleConfig, tfds.core.BuilderConfig):
+  """How raw galaxies become examples (the fields of `examples.ExampleConfig`), as a tfds builder
+  config: one prepared dataset per config."""
 
 
 def make_config(bands=grid.PS1_BANDS, image_size=RAW_IMAGE_SIZE, stretch_beta=2.5,
@@ -198,9 +183,11 @@ class Astropixel(tfds.core.GeneratorBasedBuilder):
                 shape=(len(cfg.bands),), dtype=np.float32,
                 doc="nanomaggies in a 3 arcsec diameter aperture, bands in config order"),
             "flux": tfds.features.Tensor(shape=(grid.NUM_PIXELS,), dtype=np.float32,
-                                         encoding=raw, doc="1e-17 erg/s/cm^2/Angstrom on the fixed grid"),
+                                         encoding=raw,
+                                         doc="1e-17 erg/s/cm^2/Angstrom on the fixed grid"),
             "weight": tfds.features.Tensor(shape=(grid.NUM_PIXELS,), dtype=np.float32,
-                                           encoding=raw, doc="inverse variance, or 1/0 inside/outside range"),
+                                           encoding=raw,
+                                           doc="inverse variance, or 1/0 inside/outside range"),
             "z": tfds.features.Scalar(dtype=np.float32, doc="spectroscopic redshift"),
             "has_z": tfds.features.Scalar(dtype=np.bool_),
             "specobj_id": tfds.features.Text(),

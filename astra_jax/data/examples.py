@@ -17,9 +17,9 @@ from astra_jax.data import preprocess
 RAW_IMAGE_SIZE = 288
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
 class ExampleConfig:
-  """The parameters of `galaxy_example`; `AstropixelConfig` has the same attributes.
+  """The parameters of `galaxy_example`; `astropixel.AstropixelConfig` extends it.
 
   Attributes:
     bands: band letters in the fixed order of the `image` axis 0.

@@ -65,7 +65,7 @@ def _im2col_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
 
 def _native_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """The same convolution as `_im2col_conv`, by `lax.conv_general_dilated` (float32 accumulation)."""
+  """The convolution of `_im2col_conv` by `lax.conv_general_dilated` (float32 accumulation)."""
   ndim = x.ndim - 2
   spatial = "HWD"[:ndim]
   lhs, rhs = matmul_operands(x, kernel)

@@ -148,6 +148,34 @@ def test_checkpoint_restores_identically_in_a_fresh_process(tmp_path):
     assert restored[name].dtype == expected[name].dtype
 
 
+def test_checkpoints_are_uncompressed_zarr_and_orbax_default_ones_still_restore(tmp_path):
+  config = tiny_config()
+  mesh = train.create_mesh()
+  model, tx = train.make_model(config), train.make_optimizer(config)
+  state = train.init_state(config, model, tx, mesh)
+  state = state.replace(params=jax.tree.map(lambda p: p + 0.5, state.params))
+  latest, _ = train.checkpoint_managers(str(tmp_path / "new"), config)
+  latest.save(1, args=ocp.args.StandardSave(state))
+  latest.wait_until_finished()
+  folder = tmp_path / "new" / "checkpoints" / "1" / "default"
+  zarrays = sorted(folder.rglob(".zarray"))
+  # One uncompressed zarr array per leaf; no OCDBT database.
+  assert len(zarrays) == len(jax.tree.leaves(state))
+  assert {json.loads(z.read_text())["compressor"] is None for z in zarrays} == {True}
+  assert not (folder / "manifest.ocdbt").exists()
+
+  # A run checkpointed with Orbax's defaults (zstd, OCDBT), as before, resumes bit for bit.
+  old = ocp.CheckpointManager(str(tmp_path / "old" / "checkpoints"),
+                              options=ocp.CheckpointManagerOptions(create=True))
+  old.save(3, args=ocp.args.StandardSave(state))
+  old.wait_until_finished()
+  assert (tmp_path / "old" / "checkpoints" / "3" / "default" / "manifest.ocdbt").exists()
+  for workdir in ("new", "old"):
+    latest, _ = train.checkpoint_managers(str(tmp_path / workdir), config)
+    restored = train.restore_or_init(latest, config, model, tx, mesh)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), jax.device_get(state))
+
+
 @pytest.mark.slow
 def test_train_and_evaluate_end_to_end_and_resume(tmp_path):
   config = baseline.get_config("tiny")

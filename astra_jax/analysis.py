@@ -2,7 +2,7 @@
 
 Nothing here needs the training data: `restore` rebuilds the model from the workdir's
 `config.json` and reads the parameters from its Orbax checkpoints; `predict` runs on any images
-(N, bands, H, W) float32, asinh-stretched as the prepared dataset stores them. `predict_split` is
+(N, bands, H, W) float16 or float32, asinh-stretched as the prepared dataset stores them. `predict_split` is
 the one function that reads a prepared dataset.
 
 Units: flux in 1e-17 erg/s/cm^2/Angstrom on `astra_jax.grid` (4000 pixels, vacuum observed-frame
@@ -160,7 +160,8 @@ def _predict_fn(model: astra_model.Astra, return_attention: bool):
 
 def predict(model: astra_model.Astra, params, images: np.ndarray, batch_size: int = 64,
             return_attention: bool = False) -> dict[str, np.ndarray]:
-  """The model's predictions for images (N, bands, H, W) float32 (asinh-stretched), as numpy.
+  """The model's predictions for images (N, bands, H, W) (asinh-stretched, float16 as prepared
+  and `predict.load_galaxy` give them, or float32; other dtypes are converted to float32), as numpy.
 
   Returns `flux` (N, 4000) in 1e-17 erg/s/cm^2/Angstrom, `spectrum` (N, 4000) normalised,
   `log_norm` (N,) log10(norm / 1e-17 erg/s/cm^2/Angstrom), `z_pdf` (N, num_z_bins) on
@@ -170,7 +171,9 @@ def predict(model: astra_model.Astra, params, images: np.ndarray, batch_size: in
   local device count) are split over the local devices; the last one is zero-padded and the
   padding dropped. All float32 except z_lo, z_hi (float64).
   """
-  images = np.asarray(images, np.float32)
+  images = np.asarray(images)
+  if images.dtype not in (np.float16, np.float32):
+    images = images.astype(np.float32)
   n = len(images)
   mesh = local_mesh()
   ndev = mesh.size
@@ -182,7 +185,7 @@ def predict(model: astra_model.Astra, params, images: np.ndarray, batch_size: in
     chunk = images[start:start + batch]
     real = len(chunk)
     # One shape for every full batch (one compilation); padding galaxies are zeros, dropped below.
-    chunk = np.concatenate([chunk, np.zeros((batch - real, *images.shape[1:]), np.float32)])
+    chunk = np.concatenate([chunk, np.zeros((batch - real, *images.shape[1:]), images.dtype)])
     out = fn(params, jax.device_put(chunk, NamedSharding(mesh, P(train.DATA_AXIS))))
     for k, v in jax.device_get(out).items():
       parts.setdefault(k, []).append(np.asarray(v)[:real])

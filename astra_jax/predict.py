@@ -181,7 +181,7 @@ def centre_ra_dec(header, shape: tuple[int, int]) -> tuple[float, float]:
 
 def load_galaxy(job: Job, config: examples.ExampleConfig, resize: str
                 ) -> tuple[np.ndarray, float, float]:
-  """(model image (bands, S, S) float32, ra, dec) of one job. Raises fits_io.InputError."""
+  """(model image (bands, S, S) float16, ra, dec) of one job. Raises fits_io.InputError."""
   images, headers = read_cutouts(job, config.bands)
   shape = images.shape[1:]
   check_shape(shape, config, resize, job.path)
@@ -190,7 +190,7 @@ def load_galaxy(job: Job, config: examples.ExampleConfig, resize: str
 
 
 def load_task(jobs: list[Job], config: examples.ExampleConfig, resize: str) -> dict:
-  """A worker's task: {"ids" (n,), "image" (n, bands, S, S) float32, "ra", "dec" (n,) float64,
+  """A worker's task: {"ids" (n,), "image" (n, bands, S, S) float16, "ra", "dec" (n,) float64,
   "rejections": [...]} for the good and the rejected galaxies of `jobs`, in order."""
   ids, images, coords, rejections = [], [], [], []
   for job in jobs:
@@ -209,7 +209,7 @@ def load_task(jobs: list[Job], config: examples.ExampleConfig, resize: str) -> d
   coords = np.asarray(coords, np.float64).reshape(-1, 2)
   return dict(ids=ids, rejections=rejections, ra=coords[:, 0], dec=coords[:, 1],
               image=np.stack(images) if images else
-              np.zeros((0, len(config.bands), size, size), np.float32))
+              np.zeros((0, len(config.bands), size, size), np.float16))
 
 
 class Reader:
@@ -511,7 +511,7 @@ class _Batches:
     self._parts, self._size = ([rest] if rest["ids"] else []), len(rest["ids"])
     ids, image = ids[:n], image[:n]
     # One input shape for every call (one compilation): the last batch is zero-padded.
-    image = np.concatenate([image, np.zeros((self.batch - n,) + image.shape[1:], np.float32)])
+    image = np.concatenate([image, np.zeros((self.batch - n,) + image.shape[1:], image.dtype)])
     pred = analysis.predict(self.model, self.params, image, batch_size=self.batch)
     pred = {k: v[:n] for k, v in pred.items()}
     # FITS strings are ASCII; another character in a file name becomes '?'.

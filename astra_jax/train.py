@@ -29,6 +29,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
+from astra_jax import augment
 from astra_jax import losses
 from astra_jax.data import MODEL_KEYS
 from astra_jax.models import astra as astra_model
@@ -104,7 +105,8 @@ def make_train_step(config, model, tx, mesh: Mesh):
   """Returns `train_step(state, batch, rng) -> (state, metrics)`, jitted with the state donated.
 
   `batch` is a dict of global arrays sharded along `'data'` (`image`, `flux`, `weight`, `z`,
-  `has_z`); `rng` a replicated key. Metrics are replicated scalars: `loss`, its parts, `grad_norm`,
+  `has_z`); `rng` a replicated key. With `config.augment` each image is flipped/rotated at random
+  (`augment.random_dihedral`, drawn from `rng` and the step, the same whatever the device count). Metrics are replicated scalars: `loss`, its parts, `grad_norm`,
   `learning_rate` and `finite` (0 when the update was skipped for a non-finite loss or gradient).
   """
   schedule = make_schedule(config)
@@ -114,10 +116,16 @@ def make_train_step(config, model, tx, mesh: Mesh):
   num_devices = mesh.shape[DATA_AXIS]
 
   def per_device(state: TrainState, batch, rng):
-    rng = jax.random.fold_in(jax.random.fold_in(rng, state.step), lax.axis_index(DATA_AXIS))
+    device = lax.axis_index(DATA_AXIS)
+    dropout_rng, augment_rng = jax.random.split(jax.random.fold_in(rng, state.step))
+    dropout_rng = jax.random.fold_in(dropout_rng, device)
+    images = batch["image"]
+    if config.augment:
+      images = augment.random_dihedral(augment_rng, images, device, num_devices)
 
     def loss_fn(params):
-      outputs = model.apply({"params": params}, batch["image"], train=True, rngs={"dropout": rng})
+      outputs = model.apply({"params": params}, images, train=True,
+                            rngs={"dropout": dropout_rng})
       # This device's share: num_devices * local sum / global count, so that the pmean of the
       # device losses (and of their gradients) is the loss of the whole global batch.
       return losses.total_loss(outputs, batch, z_weight=config.z_loss_weight,
@@ -202,14 +210,19 @@ def _handler_registry() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
 
 def checkpoint_managers(workdir: str, config) -> tuple[ocp.CheckpointManager, ocp.CheckpointManager]:
   """(latest, best): the latest `max_to_keep` checkpoints, and the best one by validation loss."""
+  # Each manager synchronises processes with its own barrier names: the two finalise their async
+  # saves in concurrent threads, and a shared name fails ("barrier ... is already ongoing").
+  multiprocessing = lambda name: ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name)
   latest = ocp.CheckpointManager(
       os.path.join(os.path.abspath(workdir), "checkpoints"),
-      options=ocp.CheckpointManagerOptions(max_to_keep=config.max_to_keep, create=True),
+      options=ocp.CheckpointManagerOptions(max_to_keep=config.max_to_keep, create=True,
+                                           multiprocessing_options=multiprocessing("latest")),
       handler_registry=_handler_registry())
   best = ocp.CheckpointManager(
       os.path.join(os.path.abspath(workdir), "best"),
       options=ocp.CheckpointManagerOptions(max_to_keep=1, best_fn=lambda m: m["val_loss"],
-                                           best_mode="min", create=True),
+                                           best_mode="min", create=True,
+                                           multiprocessing_options=multiprocessing("best")),
       handler_registry=_handler_registry())
   return latest, best
 
@@ -404,7 +417,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       dataset_dir, split, global_batch=config.batch_size, extra_keys=()), dataset_dir, split)
   train_iter = pipeline.as_numpy(pipeline.train_dataset(
       dataset_dir, global_batch=config.batch_size, seed=config.seed, start_step=start,
-      shuffle_buffer=config.shuffle_buffer, augment=config.augment), dataset_dir, "train")
+      shuffle_buffer=config.shuffle_buffer), dataset_dir, "train")
 
   stop = {"signal": None}
   previous = signal.signal(signal.SIGTERM, lambda signum, _: stop.update(signal=signum))

@@ -16,7 +16,8 @@ machine's load; ratios taken minutes apart drift much less):
                  checked against XLA's cost analysis of the compiled step. A peer that runs out
                  of time (torch's bf16 matmuls crawl on CPUs without AVX512-BF16) gives an upper
                  bound on its rate, so vs_torch is then a lower bound;
-  input pipeline `pipeline.train_dataset` over a prepared 288x288x5 mock, samples/s per core;
+  input pipeline `pipeline.train_dataset` over a prepared 288x288x5 mock (shuffle, parse, batch;
+                 the random flips/rotations are part of the train step), samples/s per core;
   prepare        `prepare.prepare` of a fresh mock with 1 worker and with one worker per core,
                  galaxies/s per core, end to end (in a fresh process, imports excluded);
   predict        `predict.predict_folder` of the mock's cutouts with a freshly initialised small
@@ -220,7 +221,7 @@ def synthetic_batch(config, seed: int) -> dict[str, np.ndarray]:
   rng = np.random.default_rng(seed)
   b = config.batch_size
   return {
-      "image": rng.normal(size=(b, *train.image_shape(config))).astype(np.float32),
+      "image": rng.normal(size=(b, *train.image_shape(config))).astype(np.float16),
       "flux": (5 + rng.normal(size=(b, grid.NUM_PIXELS))).astype(np.float32),
       "weight": np.ones((b, grid.NUM_PIXELS), np.float32),
       "z": rng.uniform(0.02, 0.5, size=b).astype(np.float32),
@@ -436,17 +437,18 @@ def data_section(tmp: str, num_galaxies: int, quick: bool):
   ds = pipeline.train_dataset(dataset_dir, global_batch=batch, seed=0, process_index=0,
                               process_count=1)
   iterator = pipeline.as_numpy(ds)
-  for _ in range(3):  # tf.data warmup: threads, the first shuffle buffer fill.
+  for _ in range(5):  # tf.data warmup: threads, the first shuffle buffer fill.
     next(iterator)
-  n = 10 if quick else 30
+  n = 30 if quick else 90
   t = time.perf_counter()
   for _ in range(n):
     example = next(iterator)
   seconds = time.perf_counter() - t
   rate = n * batch / seconds
-  emit("input pipeline 288x288x5, augment", round(rate / cores(), 1), "samples/s/core",
+  emit("input pipeline 288x288x5", round(rate / cores(), 1), "samples/s/core",
        samples_per_s=round(rate, 1), batch=batch, batches=n, cores=cores(),
-       image_shape=list(example["image"].shape[1:]))
+       image_shape=list(example["image"].shape[1:]), image_dtype=str(example["image"].dtype),
+       note="shuffle, parse, batch; augmentation runs in the train step")
 
 
 # ---------------------------------------------------------------- predict
@@ -476,7 +478,7 @@ def predict_section(tmp: str, raw: str, num_galaxies: int, variant: str = "small
   batch = 32
   _, model, params = analysis.restore(workdir)
   images = np.random.default_rng(0).normal(size=(batch, *train.image_shape(config)))
-  forward = lambda: analysis.predict(model, params, images.astype(np.float32), batch_size=batch)
+  forward = lambda: analysis.predict(model, params, images.astype(np.float16), batch_size=batch)
   seconds = median_time(forward, reps=3)
   emit(f"predict forward {variant} {config.dtype}", round(batch / seconds / cores(), 1),
        "galaxies/s/core", batch=batch, batch_s=round(seconds, 3),

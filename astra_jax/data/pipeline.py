@@ -4,11 +4,15 @@ Training stream. Every host builds the same global record stream: epochs concate
 epoch `e` shuffling the shard files with a stateless seed from (seed, e) and then the records with
 a buffer seeded by (seed, e). Global step `k` is the stream's records `[k*B, (k+1)*B)` (B = global
 batch); host `h` keeps rows `[h*b, (h+1)*b)` of each such batch (b = B / process count), filtered
-while still serialised bytes, and the record at global position g is augmented with a stateless
-seed from (seed, g). So the global batch at every step, augmentation included, is a pure function
-of the seed, whatever the number of hosts. To resume at step k the pipeline starts directly at
-epoch `k*B // n` (n records in the split) and skips the first `k*B % n` records of that epoch as
-serialised bytes: earlier epochs are never read and nothing is decoded or augmented twice.
+while still serialised bytes. So the global batch at every step is a pure function of the seed,
+whatever the number of hosts. To resume at step k the pipeline starts directly at epoch
+`k*B // n` (n records in the split) and skips the first `k*B % n` records of that epoch as
+serialised bytes: earlier epochs are never read and nothing is decoded twice.
+
+Each host batch is parsed at once (`parse_batch`: one `tf.io.parse_example` and one
+`tf.io.decode_raw` per feature for the whole batch) rather than example by example, and nothing
+else touches the images on the host: the random flips and rotations of training are drawn on the
+devices, inside the train step (`astra_jax.augment`), where they cost nothing next to the model.
 
 Evaluation batches read a split once in file order, padded to a whole number of global batches
 with examples of weight 0 and `mask` False, so every host runs the same number of steps.
@@ -55,26 +59,30 @@ def _host(process_index, process_count) -> tuple[int, int]:
   return process_index, process_count
 
 
-def _decoder(builder, keys):
+def batch_parser(builder, keys):
+  """A function: serialised examples (B,) string -> {key: (B, *shape)} in the features' dtypes.
+
+  One `tf.io.parse_example` for the whole batch, then one `tf.io.decode_raw` per raw-bytes feature
+  (image, flux, weight, ra, dec): a per-example parse costs several times as much CPU per image.
+  Booleans (stored as int64 in a tf.train.Example) come out as bool.
+  """
   features = builder.info.features
-  def decode(record):
-    example = features.deserialize_example(record)
-    return {k: example[k] for k in keys}
-  return decode
+  spec, decode = {}, {}
+  for key in keys:
+    feature = features[key]
+    stored = feature.get_serialized_info()
+    dtype = tf.as_dtype(stored.dtype)
+    spec[key] = tf.io.FixedLenFeature(stored.shape, tf.int64 if dtype == tf.bool else dtype)
+    if dtype == tf.string and feature.tf_dtype != tf.string:  # A tensor stored as raw bytes.
+      decode[key] = (lambda v, f=feature: tf.reshape(tf.io.decode_raw(v, f.tf_dtype),
+                                                      (-1, *f.shape)))
+    elif dtype == tf.bool:
+      decode[key] = lambda v: tf.cast(v, tf.bool)
 
-
-# Dihedral element k = rot90^(k % 4), then a left-right flip if k >= 4; on a (bands, H, W) image
-# that is a transpose of H and W for odd k, then reversals of (H, W) as below: at most two copies
-# of the image instead of the four of transpose + rot90 + flip + transpose.
-_DIHEDRAL_REVERSE = tf.constant([[False, False], [True, False], [True, True], [False, True],
-                                 [False, True], [True, True], [True, False], [False, False]])
-
-
-def dihedral(image: tf.Tensor, k: tf.Tensor) -> tf.Tensor:
-  """One of the 8 flips/90-degree rotations (k in 0..7) of a square (bands, H, W) image:
-  `np.rot90(image, k % 4, axes=(1, 2))`, then reversed along W if k >= 4."""
-  image = tf.cond(k % 2 == 1, lambda: tf.transpose(image, (0, 2, 1)), lambda: image)
-  return tf.reverse(image, tf.boolean_mask(tf.constant([1, 2]), _DIHEDRAL_REVERSE[k]))
+  def parse(records):
+    parsed = tf.io.parse_example(records, spec)
+    return {k: decode[k](v) if k in decode else v for k, v in parsed.items()}
+  return parse
 
 
 def per_host_batch(global_batch: int, process_count: int) -> int:
@@ -85,7 +93,7 @@ def per_host_batch(global_batch: int, process_count: int) -> int:
 
 
 def train_dataset(dataset_dir: str, *, global_batch: int, seed: int, start_step: int = 0,
-                  shuffle_buffer: int = 1024, augment: bool = True, split: str = "train",
+                  shuffle_buffer: int = 1024, split: str = "train",
                   process_index: int | None = None, process_count: int | None = None
                   ) -> tf.data.Dataset:
   """Infinite per-host batches of MODEL_KEYS from step `start_step` on (see module docstring)."""
@@ -94,34 +102,26 @@ def train_dataset(dataset_dir: str, *, global_batch: int, seed: int, start_step:
   batch = per_host_batch(global_batch, count)
   files = tf.constant(_files(builder, split))
   total = builder.info.splits[split].num_examples
-  decode = _decoder(builder, MODEL_KEYS)
 
-  def epoch(e):
-    """Epoch e of the global record stream, as (global position, serialised record)."""
+  def epoch(e, skip=0):
+    """Epoch e of the global record stream, from its record `skip` on: this host's records."""
     file_seed = tf.stack([tf.cast(seed, tf.int64), e])
     records = tf.data.TFRecordDataset(tf.random.experimental.stateless_shuffle(files, file_seed))
     records = records.shuffle(shuffle_buffer, seed=seed * _EPOCH_SEED_STRIDE + e,
                               reshuffle_each_iteration=False)
-    return records.enumerate().map(lambda i, r: (e * total + i, r))
+    if count == 1:  # Every row is this host's: no per-record bookkeeping.
+      return records.skip(skip)
+    # This host's rows of every global batch, chosen before decoding, by global position.
+    mine = lambda i, _: ((e * total + i) % global_batch) // batch == index
+    return records.enumerate().skip(skip).filter(mine).map(lambda _, record: record)
 
   first_epoch, offset = divmod(start_step * global_batch, total)
-  stream = epoch(tf.constant(first_epoch, tf.int64)).skip(offset).concatenate(
+  stream = epoch(tf.constant(first_epoch, tf.int64), offset).concatenate(
       tf.data.Dataset.range(first_epoch + 1, 2**62).flat_map(epoch))
-  # This host's rows of every global batch, chosen before decoding.
-  stream = stream.filter(lambda g, _: (g % global_batch) // batch == index)
-
-  def prepare(g, record):
-    example = decode(record)
-    example["has_z"] = tf.cast(example["has_z"], tf.bool)
-    if augment:
-      aug_seed = tf.stack([tf.cast(seed, tf.int64), g])
-      k = tf.random.stateless_uniform((), aug_seed, maxval=8, dtype=tf.int32)
-      example["image"] = dihedral(example["image"], k)
-    return example
-
-  ds = stream.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  ds = ds.batch(batch, drop_remainder=True, num_parallel_calls=tf.data.AUTOTUNE,
-                deterministic=True)
+  # Reading and shuffling run ahead of batching and parsing, across epoch boundaries too.
+  ds = stream.prefetch(2 * batch).batch(batch, drop_remainder=True)
+  ds = ds.map(batch_parser(builder, MODEL_KEYS), num_parallel_calls=tf.data.AUTOTUNE,
+              deterministic=True)
   options = tf.data.Options()
   options.deterministic = True
   options.threading.private_threadpool_size = max(os.cpu_count() or 1, 2)
@@ -139,27 +139,30 @@ def eval_dataset(dataset_dir: str, split: str, *, global_batch: int,
   builder = load_builder(dataset_dir)
   index, count = _host(process_index, process_count)
   batch = per_host_batch(global_batch, count)
-  keys = MODEL_KEYS + tuple(extra_keys)
-  decode = _decoder(builder, keys)
   steps = num_eval_batches(builder.info.splits[split].num_examples, global_batch)
+  parse = batch_parser(builder, MODEL_KEYS + tuple(extra_keys))
 
-  def real(record):
-    example = decode(record)
-    example["has_z"] = tf.cast(example["has_z"], tf.bool)
-    example["mask"] = tf.constant(True)
-    return example
+  def padded(records):
+    """The parsed batch, padded to `batch` rows with examples that count nowhere."""
+    out = {k: _pad_rows(v, batch) for k, v in parse(records).items()}
+    out["mask"] = tf.range(batch) < tf.shape(records)[0]
+    return out
 
   records = tf.data.TFRecordDataset(_files(builder, split)).shard(count, index)
-  ds = records.map(real, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  padding = tf.data.Dataset.from_tensors(_padding_example(ds.element_spec)).repeat()
-  ds = ds.concatenate(padding).take(steps * batch).batch(batch)
-  return ds.prefetch(2)
+  ds = records.batch(batch).map(padded, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  padding = tf.data.Dataset.from_tensors(
+      padded(tf.zeros((0,), tf.string))).repeat()  # Hosts whose shard ran out keep stepping.
+  return ds.concatenate(padding).take(steps).prefetch(2)
 
 
-def _padding_example(spec) -> dict:
-  """An example that counts nowhere: zeros, weight 0, has_z False, mask False."""
-  return {k: tf.zeros(s.shape, s.dtype) if s.dtype != tf.string else tf.constant(b"")
-          for k, s in spec.items()}
+def _pad_rows(value: tf.Tensor, rows: int) -> tf.Tensor:
+  """`value` (n <= rows, ...) completed to `rows` rows with zeros / False / b"" (so weight 0 and
+  has_z False: padding counts nowhere)."""
+  shape = tf.shape(value)
+  padding = tf.zeros(tf.concat([[rows - shape[0]], shape[1:]], 0), value.dtype)
+  out = tf.concat([value, padding], 0)
+  out.set_shape([rows, *value.shape[1:]])
+  return out
 
 
 class CorruptShardError(RuntimeError):

@@ -19,7 +19,9 @@ machine's load; ratios taken minutes apart drift much less):
   input pipeline `pipeline.train_dataset` over a prepared 288x288x5 mock (shuffle, parse, batch;
                  the random flips/rotations are part of the train step), samples/s per core;
   prepare        `prepare.prepare` of a fresh mock with 1 worker and with one worker per core,
-                 galaxies/s per core, end to end (in a fresh process, imports excluded);
+                 galaxies/s per core (in a fresh process, imports excluded): steady (the mock's
+                 second half over the seconds it adds to a run of the first half: start-up
+                 cancels) and end to end;
   predict        `predict.predict_folder` of the mock's cutouts with a freshly initialised small
                  model: the forward pass alone, reading + preprocessing alone, and end to end,
                  galaxies/s per core;
@@ -419,19 +421,47 @@ def time_prepare(raw: str, out: str, workers: int) -> dict:
   return json.loads(lines[-1])
 
 
+def survey_subset(raw: str, num_galaxies: int) -> str:
+  """A raw folder holding the first `num_galaxies` of `raw` (data.csv rows, linked folders)."""
+  subset = f"{raw}-first{num_galaxies}"
+  if not os.path.isdir(subset):
+    os.makedirs(subset)
+    with open(os.path.join(raw, "data.csv")) as f:
+      lines = f.readlines()
+    with open(os.path.join(subset, "data.csv"), "w") as f:
+      f.writelines(lines[:1 + num_galaxies])
+    for line in lines[1:1 + num_galaxies]:
+      name = "Galaxy_" + line.split(",")[3].strip("'\"")
+      os.symlink(os.path.join(raw, name), os.path.join(subset, name))
+  return subset
+
+
 def data_section(tmp: str, num_galaxies: int, quick: bool):
-  """prepare galaxies/s (1 worker, and per core with one worker per core); pipeline samples/s."""
+  """prepare galaxies/s (1 worker, and one worker per core); pipeline samples/s.
+
+  prepare runs on the whole mock and on its first half: the end-to-end rate of the whole, and
+  the steady rate (the second half's galaxies over the extra seconds they took), in which the
+  fixed costs of a run (worker start-up, first-use imports, dataset metadata) cancel.
+  """
   from astra_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   raw = mock_survey(tmp, num_galaxies)
+  half = num_galaxies // 2
   dataset_dir = None
   for workers in (1, cores()):
+    small = time_prepare(survey_subset(raw, half), os.path.join(tmp, f"tfds-half-{workers}"),
+                         workers)
     summary = time_prepare(raw, os.path.join(tmp, f"tfds-{workers}"), workers)
     seconds = summary["seconds"]
-    emit(f"prepare {workers} worker(s), 288 px", round(num_galaxies / seconds / workers, 2),
+    extra_s = seconds - small["seconds"]
+    steady = (num_galaxies - half) / extra_s / workers if extra_s > 0 else None
+    emit(f"prepare {workers} worker(s), 288 px", round(steady, 2) if steady else None,
          "galaxies/s/core", galaxies=num_galaxies, written=sum(summary["written"].values()),
          rejected=summary["rejected"], seconds=round(seconds, 2),
+         half_seconds=round(small["seconds"], 2),
+         end_to_end_per_core=round(num_galaxies / seconds / workers, 2),
          galaxies_per_s=round(num_galaxies / seconds, 2),
-         galaxies_per_cpu_s=round(num_galaxies / summary["cpu_s"], 2))
+         galaxies_per_cpu_s=round(num_galaxies / summary["cpu_s"], 2),
+         note=f"value: steady, galaxies {half + 1}-{num_galaxies} over the seconds they added")
     dataset_dir = dataset_dir or summary["dataset_dir"]
   batch = 32
   ds = pipeline.train_dataset(dataset_dir, global_batch=batch, seed=0, process_index=0,
@@ -575,9 +605,10 @@ def goals(peaks) -> list[str]:
     if r["figure"].startswith("input pipeline"):
       out.append(f"input pipeline: {r['value']} samples/s/core (goal >= 400): "
                  f"{'met' if r['value'] >= 400 else 'NOT met'}")
-    if r["figure"].startswith("prepare") and r["galaxies"]:
-      out.append(f"{r['figure']}: {r['value']} galaxies/s/core (goal >= 50): "
-                 f"{'met' if r['value'] >= 50 else 'NOT met'}")
+    if r["figure"].startswith("prepare") and r["value"] is not None:
+      out.append(f"{r['figure']}: {r['value']} galaxies/s/core steady, "
+                 f"{r['end_to_end_per_core']} end to end for {r['galaxies']} (goal >= 50): "
+                 f"{'met' if r['value'] >= 50 else 'NOT met'} (steady)")
     if r["figure"].startswith("predict end to end") and r["value"] is not None:
       out.append(f"{r['figure']}: {r['value']} galaxies/s/core (goal >= 50): "
                  f"{'met' if r['value'] >= 50 else 'NOT met'}")

@@ -28,11 +28,18 @@ machine's load; ratios taken minutes apart drift much less):
   checkpoint     Orbax save + restore of the seed's full TrainState (`train.checkpoint_managers`,
                  `train.restore_or_init`);
   peak RSS       of this process and of its largest child.
+Like every entry point it restarts itself with glibc's transparent huge pages
+(`astra_jax.hugepages`; ASTRA_HUGEPAGES=0 to measure without), and the torch peer and the prepare
+processes it starts inherit that setting: both frameworks run in the same environment.
 Prints one JSON line per figure ({"figure", "value", "unit", "vs_torch", ...}), then markdown
 tables and the goals. --quick: 2 timed steps (peer: 1 after its warmup, 90 s at most), the seed
 config peer-matched only, 96 galaxies; about 15 minutes on 2 AVX2 cores (a seed step of batch 8
 takes ~33 s there), about 5 without the peer.
 """
+
+if __name__ == "__main__":  # First, before jax and TensorFlow load: see astra_jax.hugepages.
+  from astra_jax import hugepages  # pylint: disable=g-import-not-at-top
+  hugepages.reexec_with_huge_pages()
 
 import os
 
@@ -57,6 +64,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from astra_jax import grid
+from astra_jax import hugepages
 from astra_jax import train
 from experiments.configs import baseline
 
@@ -553,7 +561,9 @@ def machine() -> str:
   isa = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16")
          if f" {f}" in flags_line]
   mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-  return (f"{model}, {cores()} cores ({', '.join(isa)}), {mem:.0f} GiB; "
+  huge = hugepages.TUNABLE in os.environ.get("GLIBC_TUNABLES", "")
+  return (f"{model}, {cores()} cores ({', '.join(isa)}), {mem:.0f} GiB, transparent huge pages "
+          f"{hugepages.thp_mode()}{' + glibc malloc.hugetlb (peer too)' if huge else ''}; "
           f"jax {jax.__version__}, {platform.python_version()}")
 
 

@@ -25,6 +25,10 @@ sit in it. Rerunning on a prepared dataset reuses it and prints the same line.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # First, before jax and TensorFlow load: see astra_jax.hugepages.
+  from astra_jax import hugepages  # pylint: disable=g-import-not-at-top
+  hugepages.reexec_with_huge_pages()
+
 import json
 import os
 import shlex

@@ -106,8 +106,9 @@ def make_train_step(config, model, tx, mesh: Mesh):
 
   `batch` is a dict of global arrays sharded along `'data'` (`image`, `flux`, `weight`, `z`,
   `has_z`); `rng` a replicated key. With `config.augment` each image is flipped/rotated at random
-  (`augment.random_dihedral`, drawn from `rng` and the step, the same whatever the device count). Metrics are replicated scalars: `loss`, its parts, `grad_norm`,
-  `learning_rate` and `finite` (0 when the update was skipped for a non-finite loss or gradient).
+  (`augment.random_dihedral`, drawn from `rng` and the step, the same whatever the device count).
+  Metrics are replicated scalars: `loss`, its parts, `grad_norm`, `learning_rate` and `finite`
+  (0 when the update was skipped for a non-finite loss or gradient).
   """
   schedule = make_schedule(config)
   z_centers = model.z_centers()
@@ -196,6 +197,8 @@ class CheckpointHandler(ocp.StandardCheckpointHandler):
   def __init__(self):
     super().__init__(use_ocdbt=False)
     # StandardCheckpointHandler has no compression switch; the PyTree handler it delegates to has.
+    # `_impl` is private: tests/test_train.py checks the written format, so an Orbax that renames
+    # it fails there rather than silently compressing again.
     self._impl = ocp.PyTreeCheckpointHandler(use_ocdbt=False, use_compression=False)
 
 

@@ -9,7 +9,7 @@ whatever the number of hosts. To resume at step k the pipeline starts directly a
 `k*B // n` (n records in the split) and skips the first `k*B % n` records of that epoch as
 serialised bytes: earlier epochs are never read and nothing is decoded twice.
 
-Each host batch is parsed at once (`parse_batch`: one `tf.io.parse_example` and one
+Each host batch is parsed at once (`batch_parser`: one `tf.io.parse_example` and one
 `tf.io.decode_raw` per feature for the whole batch) rather than example by example, and nothing
 else touches the images on the host: the random flips and rotations of training are drawn on the
 devices, inside the train step (`astra_jax.augment`), where they cost nothing next to the model.

@@ -33,8 +33,8 @@ Like every entry point it restarts itself with glibc's transparent huge pages
 processes it starts inherit that setting: both frameworks run in the same environment.
 Prints one JSON line per figure ({"figure", "value", "unit", "vs_torch", ...}), then markdown
 tables and the goals. --quick: 2 timed steps (peer: 1 after its warmup, 90 s at most), the seed
-config peer-matched only, 96 galaxies; about 15 minutes on 2 AVX2 cores (a seed step of batch 8
-takes ~33 s there), about 5 without the peer.
+config peer-matched only, 96 galaxies; about 12 minutes on 2 AVX2 cores (a seed step of batch 8
+takes ~17-21 s there), about 5 without the peer.
 """
 
 if __name__ == "__main__":  # First, before jax and TensorFlow load: see astra_jax.hugepages.

@@ -2,8 +2,8 @@
 
 Nothing here needs the training data: `restore` rebuilds the model from the workdir's
 `config.json` and reads the parameters from its Orbax checkpoints; `predict` runs on any images
-(N, bands, H, W) float16 or float32, asinh-stretched as the prepared dataset stores them. `predict_split` is
-the one function that reads a prepared dataset.
+(N, bands, H, W) float16 or float32, asinh-stretched as the prepared dataset stores them.
+`predict_split` is the one function that reads a prepared dataset.
 
 Units: flux in 1e-17 erg/s/cm^2/Angstrom on `astra_jax.grid` (4000 pixels, vacuum observed-frame
 Angstrom); redshift bins tile [0, z_max] uniformly, and each PDF is uniform within a bin.
@@ -160,8 +160,10 @@ def _predict_fn(model: astra_model.Astra, return_attention: bool):
 
 def predict(model: astra_model.Astra, params, images: np.ndarray, batch_size: int = 64,
             return_attention: bool = False) -> dict[str, np.ndarray]:
-  """The model's predictions for images (N, bands, H, W) (asinh-stretched, float16 as prepared
-  and `predict.load_galaxy` give them, or float32; other dtypes are converted to float32), as numpy.
+  """The model's predictions for images (N, bands, H, W), as numpy.
+
+  Images are asinh-stretched: float16 as prepared datasets and `predict.load_galaxy` give them,
+  or float32; other dtypes are converted to float32.
 
   Returns `flux` (N, 4000) in 1e-17 erg/s/cm^2/Angstrom, `spectrum` (N, 4000) normalised,
   `log_norm` (N,) log10(norm / 1e-17 erg/s/cm^2/Angstrom), `z_pdf` (N, num_z_bins) on

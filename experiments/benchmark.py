@@ -66,6 +66,7 @@ import orbax.checkpoint as ocp
 from astra_jax import grid
 from astra_jax import hugepages
 from astra_jax import train
+from astra_jax.data import fits_io
 from experiments.configs import baseline
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -434,12 +435,13 @@ def survey_subset(raw: str, num_galaxies: int) -> str:
   subset = f"{raw}-first{num_galaxies}"
   if not os.path.isdir(subset):
     os.makedirs(subset)
-    with open(os.path.join(raw, "data.csv")) as f:
-      lines = f.readlines()
+    catalog = os.path.join(raw, "data.csv")
+    with open(catalog) as f:
+      lines = f.readlines()  # The mock's: a header, then one line per galaxy.
     with open(os.path.join(subset, "data.csv"), "w") as f:
       f.writelines(lines[:1 + num_galaxies])
-    for line in lines[1:1 + num_galaxies]:
-      name = "Galaxy_" + line.split(",")[3].strip("'\"")
+    for row in fits_io.read_catalog(catalog)[:num_galaxies]:
+      name = f"Galaxy_{row.specobj_id}"
       os.symlink(os.path.join(raw, name), os.path.join(subset, name))
   return subset
 

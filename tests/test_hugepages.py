@@ -9,16 +9,19 @@ import pytest
 from astra_jax import hugepages
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_REPORT = ("import os; from astra_jax import hugepages; before = os.getpid(); "
-           "hugepages.reexec_with_huge_pages(); "
-           "print(before == os.getpid(), os.environ.get('GLIBC_TUNABLES'))")
+_REPORT = ("import os; from astra_jax import hugepages; hugepages.reexec_with_huge_pages(); "
+           "print(os.getpid(), os.environ.get('GLIBC_TUNABLES'))")
 
 
 def child(**env):
+  """[whether the process that reports is the one started, its GLIBC_TUNABLES]."""
   env = {k: v for k, v in dict(os.environ, PYTHONPATH=REPO, **env).items() if v is not None}
-  out = subprocess.run([sys.executable, "-c", _REPORT], capture_output=True, text=True,
-                       check=True, cwd=REPO, env=env, timeout=60)
-  return out.stdout.split()
+  proc = subprocess.Popen([sys.executable, "-c", _REPORT], stdout=subprocess.PIPE, text=True,
+                          cwd=REPO, env=env)
+  out, _ = proc.communicate(timeout=60)
+  assert proc.returncode == 0
+  pid, tunables = out.split()
+  return [str(int(pid) == proc.pid), tunables]
 
 
 @pytest.mark.skipif(not (sys.platform.startswith("linux") and hugepages.thp_mode() == "madvise"

@@ -138,13 +138,18 @@ def make_train_step(config, model, tx, mesh: Mesh):
       grads = lax.pmean(grads, DATA_AXIS)
       loss = lax.pmean(loss, DATA_AXIS)
     grad_norm = optax.tree.norm(grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    new = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                     opt_state=opt_state)
+
+    def update(state):
+      updates, opt_state = tx.update(grads, state.opt_state, state.params)
+      return TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                        opt_state=opt_state)
+
     # A non-finite loss or gradient never reaches the parameters: the old state is kept (the
-    # step counter too) and the host loop raises, naming the step.
+    # step counter too) and the host loop raises, naming the step. A cond rather than a select
+    # of new against old: the select read and wrote every parameter and Adam moment once more
+    # (~2.5 % of a seed-size CPU step); the cond updates the donated buffers in place.
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
+    new = lax.cond(finite, update, lambda state: state, state)
     metrics = dict(loss=loss, grad_norm=grad_norm, learning_rate=schedule(state.step),
                    finite=finite.astype(jnp.float32), **{f"loss_{k}": v for k, v in terms.items()})
     return new, metrics

@@ -15,6 +15,7 @@ from flax import traverse_util
 from astra_jax.models import (Astra, MultiHeadAttention, PatchCNN, TransformerBlock,
                               TransformerEncoder, patch_grid, sincos_2d, z_bin_centers, z_pdf_stats)
 from astra_jax.models.astra import PatchConv
+from astra_jax.models.common import Dense
 from astra_jax.models.transformer import QKVProjection, keep_mask
 
 BANDS = 5
@@ -313,6 +314,47 @@ def test_qkv_projection_is_dense_general():
   np.testing.assert_allclose(q1, q[:, -1:], rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(k1, k, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(v1, v, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("in_axes,reference", [(1, nn.Dense(6)),
+                                                (2, nn.DenseGeneral(6, axis=(-2, -1)))])
+def test_dense_is_flax_dense(in_axes, reference):
+  # Float32: nn.Dense's / nn.DenseGeneral's parameters, initial values, outputs and gradients.
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 5, 4, 3)), jnp.float32)
+  dense = Dense(6, in_axes=in_axes)
+
+  @jax.jit
+  def run(key):
+    params, ref_params = dense.init(key, x), reference.init(key, x)
+    shifted = jax.tree.map(lambda p: p + 0.5, ref_params)  # Non-zero biases.
+    loss = lambda f: lambda p: jnp.sum(jnp.sin(f(p, x)))
+    return (params, ref_params, dense.apply(shifted, x), reference.apply(shifted, x),
+            jax.grad(loss(dense.apply))(shifted), jax.grad(loss(reference.apply))(shifted))
+
+  params, ref_params, out, expected, grads, ref_grads = run(_key())
+  jax.tree.map(np.testing.assert_array_equal, params, ref_params)
+  np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), grads,
+               ref_grads)
+
+
+def test_dense_bf16_rounds_once_after_the_bias():
+  # bf16: operands rounded to bf16, product and bias summed in float32, then one rounding, so a
+  # bias that a bf16 output could not carry beside the product still moves the result.
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(64, 32)), jnp.float32)
+  params = {"params": {"kernel": jnp.asarray(rng.normal(size=(32, 16)), jnp.float32),
+                       "bias": jnp.asarray(rng.normal(size=16) * 1e-2 + 0.3, jnp.float32)}}
+  out = Dense(16, dtype=jnp.bfloat16).apply(params, x)
+  assert out.dtype == jnp.bfloat16
+  as_bf16 = lambda a: np.asarray(jnp.asarray(a, jnp.bfloat16), np.float64)
+  product = as_bf16(x) @ as_bf16(params["params"]["kernel"])
+  expected = as_bf16((product + np.asarray(params["params"]["bias"], np.float64)))
+  twice = as_bf16(as_bf16(product) + as_bf16(params["params"]["bias"]))
+  got = np.asarray(out, np.float64)
+  # float32 accumulation order can move a result across a rounding boundary, rarely.
+  assert np.mean(got == expected) > 0.99
+  assert np.mean(got != twice) > 0.05  # Rounding before the bias would differ this often.
 
 
 def test_z_bin_centers():

@@ -20,7 +20,7 @@ from jax import lax
 import numpy as np
 
 from astra_jax.grid import NUM_PIXELS
-from astra_jax.models.common import Dtype, canonical_dtype, dot_general_f32_acc, matmul_operands
+from astra_jax.models.common import Dense, Dtype, canonical_dtype, dot_f32, matmul_operands
 from astra_jax.models.transformer import TransformerEncoder
 
 PATCH_EMBEDDINGS = ("conv2d", "conv1d", "linear")
@@ -58,26 +58,26 @@ def im2col(x: jax.Array, kernel_size: int) -> jax.Array:
 
 
 def _im2col_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """SAME stride-1 convolution x (M, *spatial, C) * kernel (k, ..., k, C, F) as one matmul."""
+  """SAME stride-1 convolution x (M, *spatial, C) * kernel (k, ..., k, C, F) as one matmul,
+  accumulated and returned in float32."""
   cols = im2col(x, kernel.shape[0])
-  return dot_general_f32_acc(cols, kernel.reshape(-1, kernel.shape[-1]),
-                             (((cols.ndim - 1,), (0,)), ((), ())))
+  return dot_f32(cols, kernel.reshape(-1, kernel.shape[-1]), (((cols.ndim - 1,), (0,)), ((), ())))
 
 
 def _native_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """The convolution of `_im2col_conv` by `lax.conv_general_dilated` (float32 accumulation)."""
+  """The convolution of `_im2col_conv` by `lax.conv_general_dilated` (float32 result)."""
   ndim = x.ndim - 2
   spatial = "HWD"[:ndim]
   lhs, rhs = matmul_operands(x, kernel)
-  y = lax.conv_general_dilated(
+  return lax.conv_general_dilated(
       lhs, rhs, (1,) * ndim, "SAME", preferred_element_type=jnp.float32,
       dimension_numbers=(f"N{spatial}C", f"{spatial}IO", f"N{spatial}C"))
-  return y.astype(jnp.result_type(x, kernel))
 
 
 @jax.custom_vjp
 def patch_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """SAME, stride-1 convolution x (M, *spatial, C) * kernel (k, ..., k, C, F) -> (M, *spatial, F).
+  """SAME, stride-1 convolution x (M, *spatial, C) * kernel (k, ..., k, C, F) -> (M, *spatial, F),
+  accumulated and returned in float32.
 
   The forward pass is the native convolution, the backward pass the gradient of the im2col matmul
   (`_im2col_conv`): XLA:CPU runs these small-channel convolutions forwards ~2x faster than the
@@ -101,8 +101,9 @@ patch_conv.defvjp(_patch_conv_fwd, _patch_conv_bwd)
 class PatchConv(nn.Module):
   """SAME, stride-1 convolution over each patch (`patch_conv`) with `nn.Conv`'s parameters.
 
-  x (M, *spatial, C) -> (M, *spatial, features) in `dtype`, accumulated in float32; `kernel`
-  (k, ..., k, C, features) and `bias` (features,) have `nn.Conv`'s shapes and initialisers.
+  x (M, *spatial, C) -> (M, *spatial, features) in `dtype`, accumulated in float32 and the bias
+  added in float32 before rounding (see `common.dense_f32_acc`); `kernel` (k, ..., k, C, features)
+  and `bias` (features,) have `nn.Conv`'s shapes and initialisers.
   `train=True` computes it as the im2col matmul throughout: a whole training step (forward,
   backward) is ~2-3% faster so than with `patch_conv`'s native forward pass, which serves
   inference (the embedding's forward pass twice as fast). Same values either way.
@@ -120,7 +121,7 @@ class PatchConv(nn.Module):
     bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype)
     conv = _im2col_conv if train else patch_conv
     y = conv(x.astype(self.dtype), kernel.astype(self.dtype))
-    return y + bias.astype(y.dtype)
+    return (y + bias).astype(self.dtype)
 
 
 class PatchCNN(nn.Module):
@@ -165,8 +166,7 @@ class PatchCNN(nn.Module):
                       name=f"conv_{i}")(x, train=train)
         x = nn.relu(x)
     x = x.reshape(batch, grid_h * grid_w, -1)
-    return nn.Dense(self.dim, dtype=self.dtype, param_dtype=self.param_dtype,
-                    dot_general=dot_general_f32_acc, name="proj")(x)
+    return Dense(self.dim, dtype=self.dtype, param_dtype=self.param_dtype, name="proj")(x)
 
 
 class SpectrumDecoder(nn.Module):
@@ -183,8 +183,7 @@ class SpectrumDecoder(nn.Module):
 
   @nn.compact
   def __call__(self, summary: jax.Array) -> Tuple[jax.Array, jax.Array]:
-    h = nn.Dense(self.hidden, dtype=self.dtype, param_dtype=self.param_dtype,
-                 dot_general=dot_general_f32_acc, name="hidden")(summary)
+    h = Dense(self.hidden, dtype=self.dtype, param_dtype=self.param_dtype, name="hidden")(summary)
     h = nn.relu(h)
     spectrum = nn.Dense(self.num_pixels, dtype=jnp.float32, param_dtype=self.param_dtype,
                         name="spectrum")(h)
@@ -205,8 +204,8 @@ class RedshiftHead(nn.Module):
 
   @nn.compact
   def __call__(self, summary: jax.Array) -> jax.Array:
-    h = nn.Dense(self.hidden or summary.shape[-1], dtype=self.dtype, param_dtype=self.param_dtype,
-                 dot_general=dot_general_f32_acc, name="hidden")(summary)
+    h = Dense(self.hidden or summary.shape[-1], dtype=self.dtype, param_dtype=self.param_dtype,
+              name="hidden")(summary)
     h = nn.gelu(h, approximate=False)
     return nn.Dense(self.num_bins, dtype=jnp.float32, param_dtype=self.param_dtype,
                     name="logits")(h)

@@ -18,8 +18,9 @@ widened to float32 by XLA itself).
 import functools
 import math
 import re
-from typing import Any
+from typing import Any, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -47,18 +48,14 @@ def matmul_operands(*operands):
   return tuple(x.astype(jnp.float32) if x.dtype == jnp.bfloat16 else x for x in operands)
 
 
-def dot_general_f32_acc(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
-  """`lax.dot_general` with float32 accumulation, result cast to the operands' dtype.
+def dot_f32(lhs, rhs, dimension_numbers, precision=None) -> jax.Array:
+  """`lax.dot_general` with float32 accumulation and result (bf16 operands: see the module
+  docstring).
 
-  Drop-in for the `dot_general` hook of `nn.Dense`/`nn.DenseGeneral`. For float32 operands this is
-  plain `lax.dot_general`; for bf16 operands it accumulates in float32 (see the module docstring)
-  and returns bf16 so downstream ops stay in bf16. A contraction of lhs's trailing axes with rhs's
-  leading axes (every Dense/DenseGeneral) runs as one 2-D (M, K) x (K, N) matmul: XLA:CPU runs
-  multi-axis contractions (the fused qkv kernel (D, 3, H, Dh), the output projection (H, Dh, D))
-  and their gradients ~30% slower.
+  A contraction of lhs's trailing axes with rhs's leading axes (every Dense) runs as one 2-D
+  (M, K) x (K, N) matmul: XLA:CPU runs multi-axis contractions (the fused qkv kernel
+  (D, 3, H, Dh), the output projection (H, Dh, D)) and their gradients ~30% slower.
   """
-  del preferred_element_type  # Always float32 accumulation; the output dtype follows the operands.
-  out_dtype = jnp.result_type(lhs, rhs)
   lhs, rhs = matmul_operands(lhs, rhs)
   (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dimension_numbers
   k = len(lhs_contract)
@@ -70,10 +67,47 @@ def dot_general_f32_acc(lhs, rhs, dimension_numbers, precision=None, preferred_e
     out = lax.dot_general(lhs.reshape(-1, contract), rhs.reshape(contract, -1),
                           (((1,), (0,)), ((), ())), precision=precision,
                           preferred_element_type=jnp.float32)
-    return out.reshape(out_shape).astype(out_dtype)
-  out = lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
-                        preferred_element_type=jnp.float32)
-  return out.astype(out_dtype)
+    return out.reshape(out_shape)
+  return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                         preferred_element_type=jnp.float32)
+
+
+def dense_f32_acc(x: jax.Array, kernel: jax.Array, bias: jax.Array, dtype: Dtype) -> jax.Array:
+  """x (..., *K) contracted with kernel (*K, *F), plus bias (*F), rounded once to `dtype`.
+
+  x and kernel are rounded to `dtype` (the matmul operands); the product accumulates in float32
+  and the bias is added in float32 before the one rounding (as a GPU matmul epilogue does). The
+  bias's gradient is then a float32 reduction, which XLA:CPU runs ~3x faster than the bf16 one a
+  bf16 bias add gives (that one became a tree of reduce-windows: ~5 % of a seed-size bf16 step).
+  """
+  k = kernel.ndim - bias.ndim
+  dims = ((tuple(range(x.ndim - k, x.ndim)), tuple(range(k))), ((), ()))
+  out = dot_f32(x.astype(dtype), kernel.astype(dtype), dims)
+  return (out + bias.astype(jnp.float32)).astype(dtype)
+
+
+class Dense(nn.Module):
+  """`nn.Dense` (and `nn.DenseGeneral` over trailing axes) computed by `dense_f32_acc`.
+
+  x (..., *in) -> (..., *features) in `dtype`, contracting the last `in_axes` axes of x. The
+  parameters are `nn.DenseGeneral`'s: kernel (*in, *features), LeCun-normal over the flattened
+  (prod(in), prod(features)) matrix; bias (*features), zeros (`nn.Dense`'s when in_axes = 1
+  and features is an int), so checkpoints of either restore here.
+  """
+  features: int | Sequence[int]
+  in_axes: int = 1
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    features = ((self.features,) if isinstance(self.features, int) else tuple(self.features))
+    fan_in = x.shape[x.ndim - self.in_axes:]
+    flat_init = lambda rng, shape, dtype: nn.initializers.lecun_normal()(
+        rng, (math.prod(fan_in), math.prod(features)), dtype).reshape(shape)
+    kernel = self.param("kernel", flat_init, fan_in + features, self.param_dtype)
+    bias = self.param("bias", nn.initializers.zeros_init(), features, self.param_dtype)
+    return dense_f32_acc(x, kernel, bias, self.dtype)
 
 
 def einsum_f32_acc(subscripts: str, *operands, dtype: Dtype):

@@ -18,7 +18,7 @@ from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
-from astra_jax.models.common import Dtype, dot_general_f32_acc, einsum_f32_acc
+from astra_jax.models.common import Dense, Dtype, dense_f32_acc, einsum_f32_acc
 
 
 def sincos_2d(grid_h: int, grid_w: int, dim: int) -> np.ndarray:
@@ -109,11 +109,9 @@ class QKVProjection(nn.Module):
     dim, shape = x.shape[-1], (3, self.num_heads, self.head_dim)
     flat_init = lambda rng, s, dtype: nn.initializers.lecun_normal()(
         rng, (s[0], int(np.prod(s[1:]))), dtype).reshape(s)
-    kernel = self.param("kernel", flat_init, (dim, *shape), self.param_dtype).astype(self.dtype)
-    bias = self.param("bias", nn.initializers.zeros_init(), shape,
-                      self.param_dtype).astype(self.dtype)
-    project = lambda inputs, w, b: dot_general_f32_acc(
-        inputs.astype(self.dtype), w, (((2,), (0,)), ((), ()))) + b
+    kernel = self.param("kernel", flat_init, (dim, *shape), self.param_dtype)
+    bias = self.param("bias", nn.initializers.zeros_init(), shape, self.param_dtype)
+    project = lambda inputs, w, b: dense_f32_acc(inputs, w, b, self.dtype)
     if not last_query_only:
       qkv = project(x, kernel, bias)
       return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
@@ -145,8 +143,7 @@ class MultiHeadAttention(nn.Module):
     logits = einsum_f32_acc("bqhd,bkhd->bhqk", q, k, dtype=jnp.float32)
     weights = jax.nn.softmax(logits, axis=-1)
     out = einsum_f32_acc("bhqk,bkhd->bqhd", weights.astype(self.dtype), v, dtype=self.dtype)
-    out = nn.DenseGeneral(dim, axis=(-2, -1), dtype=self.dtype, param_dtype=self.param_dtype,
-                          dot_general=dot_general_f32_acc, name="out")(out)
+    out = Dense(dim, in_axes=2, dtype=self.dtype, param_dtype=self.param_dtype, name="out")(out)
     return out, weights
 
 
@@ -170,9 +167,8 @@ class TransformerBlock(nn.Module):
   def __call__(self, x: jax.Array, *, train: bool,
                summary_only: bool = False) -> Tuple[jax.Array, jax.Array]:
     batch, tokens, dim = x.shape
-    dense = lambda features, name: nn.Dense(
-        features, dtype=self.dtype, param_dtype=self.param_dtype,
-        dot_general=dot_general_f32_acc, name=name)
+    dense = lambda features, name: Dense(features, dtype=self.dtype,
+                                         param_dtype=self.param_dtype, name=name)
     # Flax norms compute their statistics in float32 even when dtype is bfloat16.
     layer_norm = lambda name: nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype,
                                            name=name)

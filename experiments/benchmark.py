@@ -35,8 +35,9 @@ Like every entry point it restarts itself with glibc's transparent huge pages
 processes it starts inherit that setting: both frameworks run in the same environment.
 Prints one JSON line per figure ({"figure", "value", "unit", "vs_torch", ...}), then markdown
 tables and the goals. --quick: 2 timed steps (peer: 1 after its warmup, 90 s at most), the seed
-config peer-matched only, 96 galaxies; about 12 minutes on 2 AVX2 cores (a seed step of batch 8
-takes ~17-21 s there), about 5 without the peer.
+config peer-matched only, 192 galaxies (with 96 the steady prepare rate varied 2x between
+runs); about 13 minutes on 2 AVX2 cores (a seed step of batch 8 takes ~17-21 s there), about 5
+without the peer.
 """
 
 if __name__ == "__main__":  # First, before jax and TensorFlow load: see astra_jax.hugepages.
@@ -93,8 +94,8 @@ _TORCH_TIMEOUT = flags.DEFINE_integer(
 _SEED_BATCH = flags.DEFINE_integer("seed_batch", 8, "Batch of the seed config (the peer's).")
 _STEPS = flags.DEFINE_integer("steps", 0, "Timed train steps; 0: 5, or 2 with --quick.")
 _RNG_IMPL = flags.DEFINE_string("rng_impl", "", "Dropout RNG; empty: the config's rng_impl.")
-_GALAXIES = flags.DEFINE_integer("galaxies", 0, "Mock galaxies for the data figures; 0: 192, "
-                                 "or 96 with --quick.")
+_GALAXIES = flags.DEFINE_integer("galaxies", 0, "Mock galaxies for the data figures; 0: 384, "
+                                 "or 192 with --quick.")
 _TMP_DIR = flags.DEFINE_string("tmp_dir", "", "Where mocks and checkpoints go (default: $TMPDIR).")
 
 FIGURES: list[dict] = []
@@ -688,7 +689,7 @@ def main(argv):
   print(f"# command: {' '.join(command)}", flush=True)
   tmp = tempfile.mkdtemp(prefix="astra-bench-", dir=_TMP_DIR.value or None)
   peaks = {}
-  galaxies = _GALAXIES.value or (96 if quick else 192)
+  galaxies = _GALAXIES.value or (192 if quick else 384)
   try:
     if "matmul" in sections:
       peaks = matmul_peak(reps=3 if quick else 5)

@@ -13,7 +13,9 @@ machine's load; ratios taken minutes apart drift much less):
                  16-px patches, Conv1d(5->32->64) patch CNN, decoder hidden 2048; the config's
                  dim, layers, heads and batch) next to the torch peer run as a subprocess at the
                  same settings and precision. FLOP/s and MFU come from analytic FLOPs per sample,
-                 checked against XLA's cost analysis of the compiled step. A peer that runs out
+                 checked against XLA's cost analysis of the compiled step; the MFU denominator
+                 is the highest matmul rate measured up to the step (the peak is measured again
+                 just before each one, and the highest sample kept). A peer that runs out
                  of time (torch's bf16 matmuls crawl on CPUs without AVX512-BF16) gives an upper
                  bound on its rate, so vs_torch is then a lower bound;
   input pipeline `pipeline.train_dataset` over a prepared 288x288x5 mock (shuffle, parse, batch;
@@ -319,9 +321,13 @@ def train_section(peaks: dict[str, float], steps: int, peer_steps: int, timeout:
     for dtype in _DTYPES.value:
       for embedding in embeddings:
         config = bench_config(variant, dtype, embedding)
-        # The MFU denominator is measured again just before the step: this shared machine's
-        # matmul rate drifts by 10-15 % within minutes, the step's with it.
-        peak = matmul_peak(reps=3, dtypes=(dtype,), quiet=True)[dtype] if peaks else None
+        # The matmul rate is measured again just before the step, and the MFU denominator is the
+        # highest rate seen so far in the run: this shared machine's rate swings 10-20 % within
+        # minutes, and a low sample would inflate the MFU.
+        adjacent = matmul_peak(reps=3, dtypes=(dtype,), quiet=True)[dtype] if peaks else None
+        if adjacent:
+          peaks[dtype] = max(peaks[dtype], adjacent)
+        peak = peaks.get(dtype)
         timing = time_train_step(config, steps)
         batch = config.batch_size
         flops = train_flops(config)
@@ -356,7 +362,8 @@ def train_section(peaks: dict[str, float], steps: int, peer_steps: int, timeout:
              step_s=round(timing["step_s"], 3), compile_s=round(timing["compile_s"], 1),
              gflop_per_s=round(gflops_s, 1),
              mfu=round(gflops_s / peak, 3) if peak else None,
-             peak_gflop_s=round(peak, 1) if peak else None, gflop_per_sample=round(flops / 1e9, 2), xla_gflop_per_sample=round(xla / 1e9, 2),
+             peak_gflop_s=round(peak, 1) if peak else None,
+             adjacent_peak_gflop_s=round(adjacent, 1) if adjacent else None, gflop_per_sample=round(flops / 1e9, 2), xla_gflop_per_sample=round(xla / 1e9, 2),
              xla_vs_analytic=round(xla / flops, 4), rng_impl=config.rng_impl,
              loss=round(timing["loss"], 4), cpu_share=round(timing["cpu_share"], 2), **bound)
 
@@ -659,8 +666,8 @@ def goals(peaks) -> list[str]:
       out.append(f"{r['figure']}: {'>= ' if lower else ''}{r['vs_torch']}x torch "
                  f"(goal >= 1.2x): {verdict}")
     if r["figure"].startswith("train_step seed bfloat16") and r.get("mfu") is not None:
-      out.append(f"{r['figure']}: {r['mfu']:.1%} of the bf16 matmul peak measured just "
-                 f"before it ({r['peak_gflop_s']:.0f} GFLOP/s) (goal >= 80%): "
+      out.append(f"{r['figure']}: {r['mfu']:.1%} of the bf16 matmul peak (the highest rate "
+                 f"measured up to it, {r['peak_gflop_s']:.0f} GFLOP/s) (goal >= 80%): "
                  f"{'met' if r['mfu'] >= 0.8 else 'NOT met'}")
     if r["figure"].startswith("input pipeline"):
       out.append(f"input pipeline: {r['value']} samples/s/core (goal >= 400): "

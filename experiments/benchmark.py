@@ -38,7 +38,7 @@ processes it starts inherit that setting: both frameworks run in the same enviro
 Prints one JSON line per figure ({"figure", "value", "unit", "vs_torch", ...}), then markdown
 tables and the goals. --quick: 2 timed steps (peer: 1 after its warmup, 90 s at most), the seed
 config peer-matched only, 192 galaxies (with 96 the steady prepare rate varied 2x between
-runs); about 13 minutes on 2 AVX2 cores (a seed step of batch 8 takes ~17-21 s there), about 5
+runs); about 12 minutes on 2 AVX2 cores (a seed step of batch 8 takes ~17-21 s there), about 5
 without the peer.
 """
 
@@ -363,7 +363,8 @@ def train_section(peaks: dict[str, float], steps: int, peer_steps: int, timeout:
              gflop_per_s=round(gflops_s, 1),
              mfu=round(gflops_s / peak, 3) if peak else None,
              peak_gflop_s=round(peak, 1) if peak else None,
-             adjacent_peak_gflop_s=round(adjacent, 1) if adjacent else None, gflop_per_sample=round(flops / 1e9, 2), xla_gflop_per_sample=round(xla / 1e9, 2),
+             adjacent_peak_gflop_s=round(adjacent, 1) if adjacent else None,
+             gflop_per_sample=round(flops / 1e9, 2), xla_gflop_per_sample=round(xla / 1e9, 2),
              xla_vs_analytic=round(xla / flops, 4), rng_impl=config.rng_impl,
              loss=round(timing["loss"], 4), cpu_share=round(timing["cpu_share"], 2), **bound)
 
@@ -424,7 +425,8 @@ def checkpoint_section(tmp: str):
     manager.save(1, args=ocp.args.StandardSave(item), metrics=metrics)
     blocking_s = time.perf_counter() - t
     manager.wait_until_finished()
-    saves[what] = (time.perf_counter() - t, blocking_s, sum(x.nbytes for x in jax.tree.leaves(item)))
+    nbytes = sum(x.nbytes for x in jax.tree.leaves(item))
+    saves[what] = (time.perf_counter() - t, blocking_s, nbytes)
   latest.close()
   best.close()
   del state, leaves

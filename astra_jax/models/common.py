@@ -77,8 +77,8 @@ def dense_f32_acc(x: jax.Array, kernel: jax.Array, bias: jax.Array, dtype: Dtype
 
   x and kernel are rounded to `dtype` (the matmul operands); the product accumulates in float32
   and the bias is added in float32 before the one rounding (as a GPU matmul epilogue does). The
-  bias's gradient is then a float32 reduction, which XLA:CPU runs ~3x faster than the bf16 one a
-  bf16 bias add gives (that one became a tree of reduce-windows: ~5 % of a seed-size bf16 step).
+  bias's gradient is then a float32 reduction, which XLA:CPU runs with YNNPACK; the bf16 one of a
+  bf16 bias add became a tree of reduce-windows (1.07 s of a 19.5 s seed-size bf16 step).
   """
   k = kernel.ndim - bias.ndim
   dims = ((tuple(range(x.ndim - k, x.ndim)), tuple(range(k))), ((), ()))

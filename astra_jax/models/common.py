@@ -3,8 +3,8 @@
 Convention: `dtype` is the compute dtype of matmuls (float32 or bfloat16), `param_dtype` the
 storage dtype of parameters (float32). In bfloat16 mode every matmul takes bf16 operands
 (activations and weights rounded to bf16), multiplies them exactly, accumulates in float32 and
-rounds the result to bf16; LayerNorm statistics, softmax, the residual stream and all model outputs
-stay float32.
+rounds the result to bf16 (a Dense layer's after adding its bias in float32); LayerNorm
+statistics, softmax, the residual stream and all model outputs stay float32.
 
 How that product is computed depends on the hardware, not its value (up to summation order): with
 bf16 matmul units (GPU, TPU, CPUs with AVX512-BF16 or AMX) as a bf16 dot with

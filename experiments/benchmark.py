@@ -133,6 +133,17 @@ def cpu_seconds(who) -> float:
   return usage.ru_utime + usage.ru_stime
 
 
+def run_snippet(snippet: str, what: str, *args: str) -> dict:
+  """Runs `snippet` in a fresh Python process (repo root, this environment) and returns the
+  last JSON line it prints; raises naming `what` and the error's last lines if it fails."""
+  proc = subprocess.run([sys.executable, "-c", snippet, *args],
+                        capture_output=True, text=True, cwd=_REPO, check=False)
+  lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
+  if proc.returncode or not lines:
+    raise RuntimeError(f"{what} failed: {proc.stderr.strip().splitlines()[-3:]}")
+  return json.loads(lines[-1])
+
+
 # ---------------------------------------------------------------- matmul peak
 
 
@@ -432,12 +443,7 @@ def checkpoint_section(tmp: str):
   del state, leaves
   for what, label in [("state", "seed TrainState, checkpoints/"),
                       ("params", "seed model params, best/")]:
-    proc = subprocess.run([sys.executable, "-c", _RESTORE_SNIPPET, workdir, what],
-                          capture_output=True, text=True, cwd=_REPO, check=False)
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
-    if proc.returncode or not lines:
-      raise RuntimeError(f"restore failed: {proc.stderr.strip().splitlines()[-3:]}")
-    restore_s = json.loads(lines[-1])["seconds"]
+    restore_s = run_snippet(_RESTORE_SNIPPET, "restore", workdir, what)["seconds"]
     save_s, blocking_s, nbytes = saves[what]
     emit(f"checkpoint save+restore ({label})", round(save_s + restore_s, 2), "s",
          save_s=round(save_s, 2), save_blocking_s=round(blocking_s, 2),
@@ -479,12 +485,7 @@ if __name__ == "__main__":
 
 def time_prepare(raw: str, out: str, workers: int) -> dict:
   """prepare's summary plus `seconds` (wall) and `cpu_s` (with its workers), imports excluded."""
-  proc = subprocess.run([sys.executable, "-c", _PREPARE_SNIPPET, raw, out, str(workers)],
-                        capture_output=True, text=True, cwd=_REPO, check=False)
-  lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
-  if proc.returncode or not lines:
-    raise RuntimeError(f"prepare failed: {proc.stderr.strip().splitlines()[-3:]}")
-  return json.loads(lines[-1])
+  return run_snippet(_PREPARE_SNIPPET, "prepare", raw, out, str(workers))
 
 
 def survey_subset(raw: str, num_galaxies: int) -> str:
@@ -658,7 +659,7 @@ def train_table(rows) -> str:
   return "\n".join(lines)
 
 
-def goals(peaks) -> list[str]:
+def goals() -> list[str]:
   """Each goal with the measured figure it is judged by."""
   out = []
   for r in FIGURES:
@@ -722,7 +723,7 @@ def main(argv):
     print(train_table(FIGURES) + "\n")
   print(table(FIGURES))
   print("\n## Goals\n")
-  for line in goals(peaks):
+  for line in goals():
     print(f"- {line}")
 
 

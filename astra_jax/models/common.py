@@ -48,7 +48,7 @@ def matmul_operands(*operands):
   return tuple(x.astype(jnp.float32) if x.dtype == jnp.bfloat16 else x for x in operands)
 
 
-def dot_f32(lhs, rhs, dimension_numbers, precision=None) -> jax.Array:
+def dot_f32(lhs, rhs, dimension_numbers) -> jax.Array:
   """`lax.dot_general` with float32 accumulation and result (bf16 operands: see the module
   docstring).
 
@@ -65,11 +65,9 @@ def dot_f32(lhs, rhs, dimension_numbers, precision=None) -> jax.Array:
     out_shape = lhs.shape[:lhs.ndim - k] + rhs.shape[k:]
     contract = math.prod(lhs.shape[lhs.ndim - k:])
     out = lax.dot_general(lhs.reshape(-1, contract), rhs.reshape(contract, -1),
-                          (((1,), (0,)), ((), ())), precision=precision,
-                          preferred_element_type=jnp.float32)
+                          (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
     return out.reshape(out_shape)
-  return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
-                         preferred_element_type=jnp.float32)
+  return lax.dot_general(lhs, rhs, dimension_numbers, preferred_element_type=jnp.float32)
 
 
 def dense_f32_acc(x: jax.Array, kernel: jax.Array, bias: jax.Array, dtype: Dtype) -> jax.Array:
@@ -84,6 +82,15 @@ def dense_f32_acc(x: jax.Array, kernel: jax.Array, bias: jax.Array, dtype: Dtype
   dims = ((tuple(range(x.ndim - k, x.ndim)), tuple(range(k))), ((), ()))
   out = dot_f32(x.astype(dtype), kernel.astype(dtype), dims)
   return (out + bias.astype(jnp.float32)).astype(dtype)
+
+
+def flat_lecun_normal(in_axes: int):
+  """LeCun-normal init of a (*in, *out) kernel as `nn.DenseGeneral` draws it: over the flattened
+  (prod(in), prod(out)) matrix, whose first `in_axes` axes are the fan-in."""
+  def init(rng, shape, dtype=jnp.float32):
+    flat = (math.prod(shape[:in_axes]), math.prod(shape[in_axes:]))
+    return nn.initializers.lecun_normal()(rng, flat, dtype).reshape(shape)
+  return init
 
 
 class Dense(nn.Module):
@@ -103,9 +110,8 @@ class Dense(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     features = ((self.features,) if isinstance(self.features, int) else tuple(self.features))
     fan_in = x.shape[x.ndim - self.in_axes:]
-    flat_init = lambda rng, shape, dtype: nn.initializers.lecun_normal()(
-        rng, (math.prod(fan_in), math.prod(features)), dtype).reshape(shape)
-    kernel = self.param("kernel", flat_init, fan_in + features, self.param_dtype)
+    kernel = self.param("kernel", flat_lecun_normal(self.in_axes), fan_in + features,
+                        self.param_dtype)
     bias = self.param("bias", nn.initializers.zeros_init(), features, self.param_dtype)
     return dense_f32_acc(x, kernel, bias, self.dtype)
 

@@ -18,7 +18,8 @@ from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
-from astra_jax.models.common import Dense, Dtype, dense_f32_acc, einsum_f32_acc
+from astra_jax.models.common import (Dense, Dtype, dense_f32_acc, einsum_f32_acc,
+                                     flat_lecun_normal)
 
 
 def sincos_2d(grid_h: int, grid_w: int, dim: int) -> np.ndarray:
@@ -107,9 +108,7 @@ class QKVProjection(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, last_query_only: bool = False):
     dim, shape = x.shape[-1], (3, self.num_heads, self.head_dim)
-    flat_init = lambda rng, s, dtype: nn.initializers.lecun_normal()(
-        rng, (s[0], int(np.prod(s[1:]))), dtype).reshape(s)
-    kernel = self.param("kernel", flat_init, (dim, *shape), self.param_dtype)
+    kernel = self.param("kernel", flat_lecun_normal(1), (dim, *shape), self.param_dtype)
     bias = self.param("bias", nn.initializers.zeros_init(), shape, self.param_dtype)
     project = lambda inputs, w, b: dense_f32_acc(inputs, w, b, self.dtype)
     if not last_query_only:

@@ -69,7 +69,8 @@ def _manager(directory: str, best: bool) -> ocp.CheckpointManager:
       read_only=True, create=False, save_interval_steps=0, max_to_keep=None,
       # The same ranking as training's best manager, so that best_step() means the same step.
       best_fn=(lambda m: m["val_loss"]) if best else None, best_mode="min")
-  return ocp.CheckpointManager(directory, options=options)
+  return ocp.CheckpointManager(directory, options=options,
+                               handler_registry=train.handler_registry())
 
 
 def _pick_step(manager: ocp.CheckpointManager, workdir: str, step: int | None, best: bool) -> int:

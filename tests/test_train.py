@@ -12,6 +12,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from astra_jax import grid
 from astra_jax import train
@@ -162,6 +163,9 @@ def test_checkpoints_are_uncompressed_zarr_and_orbax_default_ones_still_restore(
   # One uncompressed zarr array per leaf; no OCDBT database.
   assert len(zarrays) == len(jax.tree.leaves(state))
   assert {json.loads(z.read_text())["compressor"] is None for z in zarrays} == {True}
+  # Replicated over 4 devices, each array is still one chunk: the whole array.
+  assert all(json.loads(z.read_text())["chunks"] == json.loads(z.read_text())["shape"]
+             for z in zarrays)
   assert not (folder / "manifest.ocdbt").exists()
 
   # A run checkpointed with Orbax's defaults (zstd, OCDBT), as before, resumes bit for bit.
@@ -170,10 +174,59 @@ def test_checkpoints_are_uncompressed_zarr_and_orbax_default_ones_still_restore(
   old.save(3, args=ocp.args.StandardSave(state))
   old.wait_until_finished()
   assert (tmp_path / "old" / "checkpoints" / "3" / "default" / "manifest.ocdbt").exists()
+  target = train.abstract_state(config, model, tx, mesh)
+  assert train.read_uncompressed(folder, target) is not None
+  assert train.read_uncompressed(tmp_path / "old" / "checkpoints" / "3" / "default", target) is None
   for workdir in ("new", "old"):
     latest, _ = train.checkpoint_managers(str(tmp_path / workdir), config)
     restored = train.restore_or_init(latest, config, model, tx, mesh)
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), jax.device_get(state))
+
+
+def test_direct_read_equals_orbax_restore_and_trains_on(tmp_path):
+  config = tiny_config()
+  batches = [fake_batch(config, seed) for seed in range(2)]
+  state, _, step = run_steps(config, jax.devices(), batches[:1])
+  mesh = train.create_mesh()
+  model, tx = train.make_model(config), train.make_optimizer(config)
+  latest, _ = train.checkpoint_managers(str(tmp_path), config)
+  # One all-zero array: TensorStore writes no chunk file for it.
+  state = state.replace(params=jax.tree.map(jnp.zeros_like, state.params)
+                        | {"redshift": state.params["redshift"]})
+  latest.save(1, args=ocp.args.StandardSave(state))
+  latest.wait_until_finished()
+  folder = tmp_path / "checkpoints" / "1" / "default"
+  target = train.abstract_state(config, model, tx, mesh)
+
+  direct = train.read_uncompressed(folder, target)
+  pointers = [x.addressable_data(0).unsafe_buffer_pointer() for x in jax.tree.leaves(direct)]
+  by_orbax = ocp.StandardCheckpointHandler().restore(folder, args=ocp.args.StandardRestore(target))
+  leaves, treedef = jax.tree.flatten(direct)
+  assert treedef == jax.tree.structure(by_orbax) and len(leaves) > 10
+  for got, want, abstract in zip(leaves, jax.tree.leaves(by_orbax), jax.tree.leaves(target)):
+    assert got.dtype == want.dtype == abstract.dtype and got.sharding == abstract.sharding
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+  # Host (numpy) leaves stay numpy, as Orbax gives them; a tree that differs goes to Orbax.
+  host = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), target.opt_state)
+  mixed = train.read_uncompressed(folder, target.replace(opt_state=host))
+  assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(mixed.opt_state))
+  assert train.read_uncompressed(folder, target.params) is None
+  wider = jax.ShapeDtypeStruct((2, *target.step.shape), target.step.dtype,
+                               sharding=target.step.sharding)
+  assert train.read_uncompressed(folder, target.replace(step=wider)) is None
+
+  # The donated step runs from the directly read state exactly as from the one in memory.
+  rng = jax.random.key(config.seed)
+  after_direct, _ = step(direct, train.to_global(batches[1], mesh), rng)
+  after_memory, _ = step(jax.device_put(state, NamedSharding(mesh, P())),
+                         train.to_global(batches[1], mesh), rng)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(after_direct),
+               jax.device_get(after_memory))
+  # XLA owns the read buffers, so the step updates the state in them (memory that XLA:CPU only
+  # aliases it cannot donate: a resumed run's first step would allocate a whole new state).
+  reused = {x.addressable_data(0).unsafe_buffer_pointer() for x in jax.tree.leaves(after_direct)}
+  assert len(reused & set(pointers)) >= len(pointers) // 2, (len(reused & set(pointers)), len(pointers))
 
 
 @pytest.mark.slow

@@ -35,6 +35,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint._src.metadata import array_metadata_store
 
 from astra_jax import augment
+from astra_jax import hugepages
 from astra_jax import losses
 from astra_jax.data import MODEL_KEYS
 from astra_jax.models import astra as astra_model
@@ -340,7 +341,9 @@ def read_uncompressed(directory, target) -> Any | None:
     return None
   reader = _Reader()
   # Reading is page faults and copies in the kernel: threads overlap them (readinto frees the GIL).
-  with concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+  # The state is written once here and then updated in place: huge pages' faults cost, not pay.
+  threads = min(8, os.cpu_count() or 1)
+  with hugepages.small_pages(), concurrent.futures.ThreadPoolExecutor(threads) as pool:
     restored = list(pool.map(
         lambda p, x: reader.numpy(p, x) if isinstance(x, np.ndarray) else reader.jax(p, x),
         paths, leaves))

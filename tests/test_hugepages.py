@@ -1,5 +1,7 @@
 """Entry points re-execute themselves once with glibc's huge-page tunable."""
 
+import ctypes
+import mmap
 import os
 import subprocess
 import sys
@@ -37,3 +39,35 @@ def test_opt_out_and_no_second_reexec():
   assert child(ASTRA_HUGEPAGES="0", GLIBC_TUNABLES=None) == ["True", "None"]
   assert child(ASTRA_HUGEPAGES=None, GLIBC_TUNABLES=hugepages.TUNABLE) == ["True",
                                                                          hugepages.TUNABLE]
+
+
+def _anon_huge_kb(address: int) -> int:
+  """AnonHugePages (kB) of this process's mapping that contains `address`."""
+  inside = False
+  with open("/proc/self/smaps") as f:
+    for line in f:
+      head = line.split()[0]
+      if "-" in head and ":" not in head:
+        start, end = (int(x, 16) for x in head.split("-"))
+        inside = start <= address < end
+      elif inside and line.startswith("AnonHugePages:"):
+        return int(line.split()[1])
+  raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl is Linux's")
+def test_small_pages_turns_huge_pages_off_inside_the_block_only():
+  libc = ctypes.CDLL(None)
+  assert libc.prctl(42, 0, 0, 0, 0) == 0  # PR_GET_THP_DISABLE: huge pages allowed.
+  with hugepages.small_pages():
+    assert libc.prctl(42, 0, 0, 0, 0) == 1
+    with hugepages.small_pages():  # Nested (or another thread's): still off until both end.
+      pass
+    assert libc.prctl(42, 0, 0, 0, 0) == 1
+    # Memory that asks for huge pages and is first touched here gets none.
+    memory = mmap.mmap(-1, 64 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    memory.madvise(mmap.MADV_HUGEPAGE)
+    memory[:] = b"\1" * len(memory)
+    address = ctypes.addressof(ctypes.c_char.from_buffer(memory))
+    assert _anon_huge_kb(address) == 0
+  assert libc.prctl(42, 0, 0, 0, 0) == 0

@@ -200,6 +200,9 @@ def test_direct_read_equals_orbax_restore_and_trains_on(tmp_path):
 
   direct = train.read_uncompressed(folder, target)
   pointers = [x.addressable_data(0).unsafe_buffer_pointer() for x in jax.tree.leaves(direct)]
+  # The arrays were copied out of the mapped files: no mapping of them is left behind.
+  with open("/proc/self/maps") as f:
+    assert str(folder) not in f.read()
   by_orbax = ocp.StandardCheckpointHandler().restore(folder, args=ocp.args.StandardRestore(target))
   leaves, treedef = jax.tree.flatten(direct)
   assert treedef == jax.tree.structure(by_orbax) and len(leaves) > 10

@@ -265,20 +265,19 @@ def _zarr_chunk_file(folder: str, leaf) -> str | None:
   return path
 
 
+def _map(path: str) -> mmap.mmap:
+  """The chunk file `path`, mapped read-only."""
+  with open(path, "rb") as f:
+    # MAP_POPULATE (mapping every page up front) measured slower: the copy's faults overlap.
+    return mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ)
+
+
 def _read_numpy(path: str, leaf) -> np.ndarray:
   """The chunk file `path` ("" for all zeros) as a new numpy array shaped like `leaf`."""
-  if not path:
+  if not path or not np.prod(leaf.shape):  # All zeros (no file), or empty (mmap refuses it).
     return np.zeros(leaf.shape, leaf.dtype)
-  out = np.empty(leaf.shape, leaf.dtype)
-  view = memoryview(out.reshape(-1).view(np.uint8))
-  with open(path, "rb", buffering=0) as f:
-    done = 0
-    while done < len(view):  # One read returns at most ~2 GiB on Linux.
-      n = f.readinto(view[done:])
-      if not n:
-        raise OSError(f"{path}: ended after {done} of {len(view)} bytes")
-      done += n
-  return out
+  with _map(path) as mapping:
+    return np.frombuffer(mapping, leaf.dtype).reshape(leaf.shape).copy()
 
 
 def _read_jax(path: str, leaf, mappings: list[mmap.mmap]) -> jax.Array:
@@ -292,9 +291,7 @@ def _read_jax(path: str, leaf, mappings: list[mmap.mmap]) -> jax.Array:
   """
   if not path or not np.prod(leaf.shape):  # All zeros (no file), or empty (mmap refuses it).
     return jnp.zeros(leaf.shape, leaf.dtype, device=leaf.sharding)
-  with open(path, "rb") as f:
-    # MAP_POPULATE (mapping every page up front) measured slower: the copy's faults overlap.
-    mapping = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ)
+  mapping = _map(path)
   mappings.append(mapping)
   host = np.frombuffer(mapping, leaf.dtype).reshape(leaf.shape)
   out = jax.make_array_from_callback(leaf.shape, leaf.sharding, lambda index: host[index])
@@ -332,7 +329,7 @@ def read_uncompressed(directory, target) -> Any | None:
                if os.path.isfile(os.path.join(entry.path, ".zarray")))
   if None in paths or stored != len(leaves):  # A different tree: Orbax explains what differs.
     return None
-  # Reading is page faults and copies: threads overlap them (XLA and readinto free the GIL).
+  # Reading is page faults and copies: threads overlap them (XLA and numpy free the GIL).
   # The state is written once here and then updated in place: huge pages' faults cost, not pay.
   threads = min(8, os.cpu_count() or 1)
   mappings = []

@@ -387,9 +387,9 @@ def train_section(peaks: dict[str, float], steps: int, peer_steps: int, timeout:
 
 
 # The seed's TrainState saved by a process of its own, as training saves it
-# (`train.checkpoint_managers`, asynchronous; `blocking_s` is what training waits, `seconds` lasts until the checkpoint is
-# written, synced and renamed), then the params alone into `best/`. The process exits before the
-# restores start, as a training run has before it is rerun.
+# (`train.checkpoint_managers`, asynchronous; `blocking_s` is what training waits, `seconds` lasts
+# until the checkpoint is written, synced and renamed), then the params alone into `best/`. The
+# process exits before the restores start, as a training run has before it is rerun.
 _SAVE_SNIPPET = """
 import json, os, sys, time
 import jax, jax.numpy as jnp

@@ -6,17 +6,17 @@ Everything is measured in one process, one figure after another (absolute times 
 machine's load; ratios taken minutes apart drift much less):
   matmul peak    a 4096^2 matmul in float32, and bf16 x bf16 with float32 accumulation both as
                  the native dot and widened to float32 (the MFU denominators), and bf16 -> bf16;
-  train step     `train.make_train_step` on a 1-device mesh with synthetic batches (state donated,
-                 compile and one warmup step excluded, median of N steps), for the `seed` (batch 8)
-                 and `small` configs of experiments/configs/baseline.py in float32 and bfloat16:
-                 the model as configured, and "peer-matched" (the peer's fixed geometry: 288 px,
-                 16-px patches, Conv1d(5->32->64) patch CNN, decoder hidden 2048; the config's
-                 dim, layers, heads and batch) next to the torch peer run as a subprocess at the
-                 same settings and precision. FLOP/s and MFU come from analytic FLOPs per sample,
-                 checked against XLA's cost analysis of the compiled step; the MFU denominator
-                 is the highest matmul rate measured up to the step (the peak is measured again
-                 just before each one, and the highest sample kept). A peer that runs out
-                 of time (torch's bf16 matmuls crawl on CPUs without AVX512-BF16) gives an upper
+  train step     `train.make_train_step` on a 1-device mesh with synthetic batches (state donated;
+                 compile and 2 warmup steps excluded, the peer's too; median of N steps), for the
+                 `seed` (batch 8) and `small` configs of experiments/configs/baseline.py in float32
+                 and bfloat16: the model as configured, and "peer-matched" (the peer's fixed
+                 geometry: 288 px, 16-px patches, Conv1d(5->32->64) patch CNN, decoder hidden 2048;
+                 the config's dim, layers, heads and batch) next to the torch peer run as a
+                 subprocess at the same settings and precision. FLOP/s and MFU come from analytic
+                 FLOPs per sample, checked against XLA's cost analysis of the compiled step; the MFU
+                 denominator is the highest matmul rate measured up to the step (the peak is
+                 measured again just before each one, and the highest sample kept). A peer that runs
+                 out of time (torch's bf16 matmuls crawl on CPUs without AVX512-BF16) gives an upper
                  bound on its rate, so vs_torch is then a lower bound;
   input pipeline `pipeline.train_dataset` over a prepared 288x288x5 mock (shuffle, parse, batch;
                  the random flips/rotations are part of the train step), samples/s per core;
@@ -32,20 +32,21 @@ machine's load; ratios taken minutes apart drift much less):
                  best checkpoint, `analysis.restore(best=True)`: what a notebook reads), saved by
                  one fresh process and restored by another;
   peak RSS       of this process and of its largest child.
-Like every entry point it restarts itself with glibc's transparent huge pages
-(`astra_jax.hugepages`; ASTRA_HUGEPAGES=0 to measure without), and the torch peer and the prepare
-processes it starts inherit that setting: both frameworks run in the same environment.
+Like every entry point it restarts itself with glibc's malloc tunables (transparent huge pages,
+one heap that keeps freed memory: `astra_jax.host_memory`; ASTRA_MALLOC=0 to measure without),
+and the torch peer and the prepare processes it starts inherit them: both frameworks run in the
+same environment.
 Prints one JSON line per figure ({"figure", "value", "unit", "vs_torch", ...}), then markdown
-tables and the goals. --quick: 2 timed steps (peer: 1 after its warmup, 90 s at most), the seed
+tables and the goals. --quick: 2 timed steps (peer: 1, 90 s at most), the seed
 config peer-matched only; the same 384 mock galaxies (the steady two-worker prepare rate is
 the difference of two runs of a few seconds: with 192 it read 29, 47 and 70 galaxies/s/core in
 three runs, with 384 45 and 51). About 12 minutes on 2 AVX2 cores (a seed step of batch 8
 takes ~16-21 s there), about 5 without the peer.
 """
 
-if __name__ == "__main__":  # First, before jax and TensorFlow load: see astra_jax.hugepages.
-  from astra_jax import hugepages  # pylint: disable=g-import-not-at-top
-  hugepages.reexec_with_huge_pages()
+if __name__ == "__main__":  # First, before jax and TensorFlow load: see astra_jax.host_memory.
+  from astra_jax import host_memory  # pylint: disable=g-import-not-at-top
+  host_memory.reexec_with_tunables()
 
 import os
 
@@ -70,7 +71,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from astra_jax import grid
-from astra_jax import hugepages
+from astra_jax import host_memory
 from astra_jax import train
 from astra_jax.data import fits_io
 from experiments.configs import baseline
@@ -267,6 +268,11 @@ def synthetic_batch(config, seed: int) -> dict[str, np.ndarray]:
   }
 
 
+# Untimed steps before the timed ones, the peer's too: the first steps also fault in the heap that
+# later steps reuse (`host_memory`), the first seed steps at several seconds each on this VM.
+WARMUP_STEPS = 2
+
+
 def time_train_step(config, steps: int) -> dict:
   """Median step seconds of the real train step, plus XLA's FLOP count of the compiled step."""
   mesh = train.create_mesh(jax.devices()[:1])
@@ -280,18 +286,19 @@ def time_train_step(config, steps: int) -> dict:
   compile_s = time.perf_counter() - t
   xla_flops = float((compiled.cost_analysis() or {}).get("flops", float("nan")))
   times = []
-  for i in range(steps + 1):  # The first (warmup) step is not timed.
-    if i == 1:
+  for i in range(WARMUP_STEPS + steps):
+    if i == WARMUP_STEPS:
       cpu0 = cpu_seconds(resource.RUSAGE_SELF)
     t = time.perf_counter()
     state, metrics = compiled(state, batches[i % 2], rng)
     jax.block_until_ready((state, metrics))
     times.append(time.perf_counter() - t)
-  cpu_share = (cpu_seconds(resource.RUSAGE_SELF) - cpu0) / (sum(times[1:]) * cores())
+  timed = times[WARMUP_STEPS:]
+  cpu_share = (cpu_seconds(resource.RUSAGE_SELF) - cpu0) / (sum(timed) * cores())
   loss = float(metrics["loss"])
   del state
-  return dict(step_s=statistics.median(times[1:]), compile_s=compile_s, xla_flops=xla_flops,
-              loss=loss, cpu_share=cpu_share)
+  return dict(step_s=statistics.median(timed), compile_s=compile_s, xla_flops=xla_flops,
+              loss=loss, cpu_share=cpu_share, warmup_s=times[:WARMUP_STEPS])
 
 
 def run_peer(config, dtype: str, steps: int, timeout: int) -> dict | str:
@@ -308,7 +315,7 @@ def run_peer(config, dtype: str, steps: int, timeout: int) -> dict | str:
   probe = subprocess.run([_TORCH_PYTHON.value, "-c", "import torch"], capture_output=True)
   if probe.returncode:
     return f"skipped: no torch in {_TORCH_PYTHON.value}"
-  m, warmup = config.model, 1
+  m, warmup = config.model, WARMUP_STEPS
   cmd = [_TORCH_PYTHON.value, peer, "--dim", str(m.dim), "--layers", str(m.num_layers),
          "--heads", str(m.num_heads), "--batch", str(config.batch_size), "--steps", str(steps),
          "--warmup", str(warmup), "--threads", str(cores())]
@@ -374,7 +381,7 @@ def train_section(peaks: dict[str, float], steps: int, peer_steps: int, timeout:
         xla = timing["xla_flops"] / batch
         emit(name, round(samples_s, 3), "samples/s", vs_torch, batch=batch,
              step_s=round(timing["step_s"], 3), compile_s=round(timing["compile_s"], 1),
-             gflop_per_s=round(gflops_s, 1),
+             warmup_s=[round(w, 1) for w in timing["warmup_s"]], gflop_per_s=round(gflops_s, 1),
              mfu=round(gflops_s / peak, 3) if peak else None,
              peak_gflop_s=round(peak, 1) if peak else None,
              adjacent_peak_gflop_s=round(adjacent, 1) if adjacent else None,
@@ -643,10 +650,10 @@ def machine() -> str:
   isa = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16")
          if f" {f}" in flags_line]
   mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-  huge = hugepages.TUNABLE in os.environ.get("GLIBC_TUNABLES", "")
+  tuned = os.environ.get("GLIBC_TUNABLES", "")
+  tuned = f" + GLIBC_TUNABLES={tuned} (peer too)" if tuned else ""
   return (f"{model}, {cores()} cores ({', '.join(isa)}), {mem:.0f} GiB, transparent huge pages "
-          f"{hugepages.thp_mode()}{' + glibc malloc.hugetlb (peer too)' if huge else ''}; "
-          f"jax {jax.__version__}, {platform.python_version()}")
+          f"{host_memory.thp_mode()}{tuned}; jax {jax.__version__}, {platform.python_version()}")
 
 
 def table(rows) -> str:

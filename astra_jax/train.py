@@ -35,7 +35,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint._src.metadata import array_metadata_store
 
 from astra_jax import augment
-from astra_jax import host_memory
+from astra_jax import hugepages
 from astra_jax import losses
 from astra_jax.data import MODEL_KEYS
 from astra_jax.models import astra as astra_model
@@ -333,7 +333,7 @@ def read_uncompressed(directory, target) -> Any | None:
   # The state is written once here and then updated in place: huge pages' faults cost, not pay.
   threads = min(8, os.cpu_count() or 1)
   mappings = []
-  with host_memory.small_pages(), concurrent.futures.ThreadPoolExecutor(threads) as pool:
+  with hugepages.small_pages(), concurrent.futures.ThreadPoolExecutor(threads) as pool:
     restored = list(pool.map(
         lambda p, x: (_read_numpy(p, x) if isinstance(x, np.ndarray)
                       else _read_jax(p, x, mappings)),

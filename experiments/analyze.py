@@ -8,9 +8,9 @@ redshifts and their PDF, predicted and true spectra; see `astra_jax.analysis.wri
 spectra.png, redshift.png, loss.png and attention.png.
 """
 
-if __name__ == "__main__":  # First, before jax and TensorFlow load: see astra_jax.host_memory.
-  from astra_jax import host_memory  # pylint: disable=g-import-not-at-top
-  host_memory.reexec_with_tunables()
+if __name__ == "__main__":  # First, before jax and TensorFlow load: see astra_jax.hugepages.
+  from astra_jax import hugepages  # pylint: disable=g-import-not-at-top
+  hugepages.reexec_with_huge_pages()
 
 import os
 

@@ -6,9 +6,9 @@ r"""Train ASTRA: `python -m experiments.baseline [--workdir runs/baseline] [--co
 Rerunning the same command resumes from the workdir's latest checkpoint.
 """
 
-if __name__ == "__main__":  # First, before jax and TensorFlow load: see astra_jax.host_memory.
-  from astra_jax import host_memory  # pylint: disable=g-import-not-at-top
-  host_memory.reexec_with_tunables()
+if __name__ == "__main__":  # First, before jax and TensorFlow load: see astra_jax.hugepages.
+  from astra_jax import hugepages  # pylint: disable=g-import-not-at-top
+  hugepages.reexec_with_huge_pages()
 
 import os
 

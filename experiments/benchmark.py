@@ -32,10 +32,9 @@ machine's load; ratios taken minutes apart drift much less):
                  best checkpoint, `analysis.restore(best=True)`: what a notebook reads), saved by
                  one fresh process and restored by another;
   peak RSS       of this process and of its largest child.
-Like every entry point it restarts itself with glibc's malloc tunables (transparent huge pages,
-one heap that keeps freed memory: `astra_jax.host_memory`; ASTRA_MALLOC=0 to measure without),
-and the torch peer and the prepare processes it starts inherit them: both frameworks run in the
-same environment.
+Like every entry point it restarts itself with glibc's transparent huge pages
+(`astra_jax.hugepages`; ASTRA_HUGEPAGES=0 to measure without), and the torch peer and the prepare
+processes it starts inherit that setting: both frameworks run in the same environment.
 Prints one JSON line per figure ({"figure", "value", "unit", "vs_torch", ...}), then markdown
 tables and the goals. --quick: 2 timed steps (peer: 1, 90 s at most), the seed
 config peer-matched only; the same 384 mock galaxies (the steady two-worker prepare rate is
@@ -44,9 +43,9 @@ three runs, with 384 45 and 51). About 12 minutes on 2 AVX2 cores (a seed step o
 takes ~16-21 s there), about 5 without the peer.
 """
 
-if __name__ == "__main__":  # First, before jax and TensorFlow load: see astra_jax.host_memory.
-  from astra_jax import host_memory  # pylint: disable=g-import-not-at-top
-  host_memory.reexec_with_tunables()
+if __name__ == "__main__":  # First, before jax and TensorFlow load: see astra_jax.hugepages.
+  from astra_jax import hugepages  # pylint: disable=g-import-not-at-top
+  hugepages.reexec_with_huge_pages()
 
 import os
 
@@ -71,7 +70,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from astra_jax import grid
-from astra_jax import host_memory
+from astra_jax import hugepages
 from astra_jax import train
 from astra_jax.data import fits_io
 from experiments.configs import baseline
@@ -268,8 +267,8 @@ def synthetic_batch(config, seed: int) -> dict[str, np.ndarray]:
   }
 
 
-# Untimed steps before the timed ones, the peer's too: the first steps also fault in the heap that
-# later steps reuse (`host_memory`), the first seed steps at several seconds each on this VM.
+# Untimed steps before the timed ones, as many for the peer: on this VM the second step still ran
+# 10-20 % slower than later ones (small config, float32: 5.4-5.5 s, then 4.6-4.9 s).
 WARMUP_STEPS = 2
 
 
@@ -653,7 +652,7 @@ def machine() -> str:
   tuned = os.environ.get("GLIBC_TUNABLES", "")
   tuned = f" + GLIBC_TUNABLES={tuned} (peer too)" if tuned else ""
   return (f"{model}, {cores()} cores ({', '.join(isa)}), {mem:.0f} GiB, transparent huge pages "
-          f"{host_memory.thp_mode()}{tuned}; jax {jax.__version__}, {platform.python_version()}")
+          f"{hugepages.thp_mode()}{tuned}; jax {jax.__version__}, {platform.python_version()}")
 
 
 def table(rows) -> str:

@@ -1,0 +1,73 @@
+"""Entry points re-execute themselves once with glibc's huge-page tunable."""
+
+import ctypes
+import mmap
+import os
+import subprocess
+import sys
+
+import pytest
+
+from astra_jax import hugepages
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_REPORT = ("import os; from astra_jax import hugepages; hugepages.reexec_with_huge_pages(); "
+           "print(os.getpid(), os.environ.get('GLIBC_TUNABLES'))")
+
+
+def child(**env):
+  """[whether the process that reports is the one started, its GLIBC_TUNABLES]."""
+  env = {k: v for k, v in dict(os.environ, PYTHONPATH=REPO, **env).items() if v is not None}
+  proc = subprocess.Popen([sys.executable, "-c", _REPORT], stdout=subprocess.PIPE, text=True,
+                          cwd=REPO, env=env)
+  out, _ = proc.communicate(timeout=60)
+  assert proc.returncode == 0
+  pid, tunables = out.split()
+  return [str(int(pid) == proc.pid), tunables]
+
+
+@pytest.mark.skipif(not (sys.platform.startswith("linux") and hugepages.thp_mode() == "madvise"
+                         and hugepages._glibc_has_tunable()),  # pylint: disable=protected-access
+                    reason="needs Linux, glibc >= 2.35 and THP mode 'madvise'")
+def test_reexec_sets_the_tunable_once_and_keeps_other_tunables():
+  same_pid, tunables = child(ASTRA_HUGEPAGES=None, GLIBC_TUNABLES="glibc.malloc.arena_max=4")
+  assert same_pid == "True"  # execve: the same process (signals, parents' waits still apply).
+  assert tunables == "glibc.malloc.arena_max=4:" + hugepages.TUNABLE
+
+
+def test_opt_out_and_no_second_reexec():
+  assert child(ASTRA_HUGEPAGES="0", GLIBC_TUNABLES=None) == ["True", "None"]
+  assert child(ASTRA_HUGEPAGES=None, GLIBC_TUNABLES=hugepages.TUNABLE) == ["True",
+                                                                         hugepages.TUNABLE]
+
+
+def _anon_huge_kb(address: int) -> int:
+  """AnonHugePages (kB) of this process's mapping that contains `address`."""
+  inside = False
+  with open("/proc/self/smaps") as f:
+    for line in f:
+      head = line.split()[0]
+      if "-" in head and ":" not in head:
+        start, end = (int(x, 16) for x in head.split("-"))
+        inside = start <= address < end
+      elif inside and line.startswith("AnonHugePages:"):
+        return int(line.split()[1])
+  raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl is Linux's")
+def test_small_pages_turns_huge_pages_off_inside_the_block_only():
+  libc = ctypes.CDLL(None)
+  assert libc.prctl(42, 0, 0, 0, 0) == 0  # PR_GET_THP_DISABLE: huge pages allowed.
+  with hugepages.small_pages():
+    assert libc.prctl(42, 0, 0, 0, 0) == 1
+    with hugepages.small_pages():  # Nested (or another thread's): still off until both end.
+      pass
+    assert libc.prctl(42, 0, 0, 0, 0) == 1
+    # Memory that asks for huge pages and is first touched here gets none.
+    memory = mmap.mmap(-1, 64 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    memory.madvise(mmap.MADV_HUGEPAGE)
+    memory[:] = b"\1" * len(memory)
+    address = ctypes.addressof(ctypes.c_char.from_buffer(memory))
+    assert _anon_huge_kb(address) == 0
+  assert libc.prctl(42, 0, 0, 0, 0) == 0

@@ -39,7 +39,7 @@ Prints one JSON line per figure ({"figure", "value", "unit", "vs_torch", ...}), 
 tables and the goals. --quick: 2 timed steps (peer: 1, 90 s at most), the seed
 config peer-matched only; the same 384 mock galaxies (the steady two-worker prepare rate is
 the difference of two runs of a few seconds: with 192 it read 29, 47 and 70 galaxies/s/core in
-three runs, with 384 45 and 51). About 12 minutes on 2 AVX2 cores (a seed step of batch 8
+three runs, with 384 45 and 51). About 15 minutes on 2 AVX2 cores (a seed step of batch 8
 takes ~16-21 s there), about 5 without the peer.
 """
 

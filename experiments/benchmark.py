@@ -268,7 +268,7 @@ def synthetic_batch(config, seed: int) -> dict[str, np.ndarray]:
 
 
 # Untimed steps before the timed ones, as many for the peer: on this VM the second step still ran
-# 10-20 % slower than later ones (small config, float32: 5.4-5.5 s, then 4.6-4.9 s).
+# up to 65 % slower than later ones (small peer-matched float32: 5.4-6.9 s, then 4.2-4.9 s).
 WARMUP_STEPS = 2
 
 
@@ -649,10 +649,10 @@ def machine() -> str:
   isa = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16")
          if f" {f}" in flags_line]
   mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-  tuned = os.environ.get("GLIBC_TUNABLES", "")
-  tuned = f" + GLIBC_TUNABLES={tuned} (peer too)" if tuned else ""
+  tunables = os.environ.get("GLIBC_TUNABLES", "")
+  malloc = f" + GLIBC_TUNABLES={tunables} (peer too)" if tunables else ""
   return (f"{model}, {cores()} cores ({', '.join(isa)}), {mem:.0f} GiB, transparent huge pages "
-          f"{hugepages.thp_mode()}{tuned}; jax {jax.__version__}, {platform.python_version()}")
+          f"{hugepages.thp_mode()}{malloc}; jax {jax.__version__}, {platform.python_version()}")
 
 
 def table(rows) -> str:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import multiprocessing
 import os
 from typing import Iterator
 
@@ -215,7 +214,7 @@ class Astropixel(tfds.core.GeneratorBasedBuilder):
         # One pool for all splits, started now: its workers import while the first examples are
         # searched for in this process.
         self._pool = stack.enter_context(
-            multiprocessing.get_context("spawn").Pool(self.num_workers))
+            examples.reader_pool(self.num_workers))
       try:
         super()._download_and_prepare(dl_manager, download_config)
       finally:

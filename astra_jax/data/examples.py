@@ -62,7 +62,7 @@ def image_example(images: np.ndarray, config, path: str) -> np.ndarray:
   factor = images.shape[-1] // config.image_size
   if factor > 1:
     stretched = preprocess.bin_image(stretched, factor)
-  return preprocess.to_float16(stretched)
+  return stretched.astype(np.float16)
 
 
 def galaxy_example(galaxy_dir: str, row: fits_io.CatalogRow, config) -> dict:

@@ -189,42 +189,6 @@ def stretch(images: np.ndarray, beta: float, max_bad_fraction: float = 0.5,
   return out, info
 
 
-def to_float16(x: np.ndarray) -> np.ndarray:
-  """float32 array -> float16, bit for bit what `x.astype(np.float16)` gives (round to nearest
-  even; subnormals, overflow to inf, inf and NaN included), in ~half its time.
-
-  numpy's own cast converts one element at a time (1.4 ms for a (5, 288, 288) image on a 2-core
-  AMD EPYC); this runs as a few vectorised integer passes over the float32 bits (0.7 ms).
-  """
-  x = np.ascontiguousarray(x, np.float32)
-  bits = x.view(np.uint32)
-  a = bits & np.uint32(0x7fffffff)  # |x|
-  # Normal halves: add half an ulp of the 13 dropped bits (+1 if the kept lsb is odd: ties to
-  # even), rebias the exponent from 127 to 15 and shift. A carry into the exponent is right.
-  r = (a >> 13) & np.uint32(1)
-  r += a
-  r += np.uint32(0xfff)
-  r -= np.uint32(112 << 23)  # Wraps below 2^-14; those are redone below.
-  r >>= 13
-  h = r.astype(np.uint16)
-  small = a < np.uint32(113 << 23)  # |x| < 2^-14: a half subnormal or zero.
-  if small.any():
-    # Adding 0.5 puts the value's half-subnormal ulps (2^-24) in the low mantissa bits of a
-    # float32 in [0.5, 1), rounded to nearest even by the float add itself.
-    f = a[small].view(np.float32) + np.float32(0.5)
-    h[small] = (f.view(np.uint32) - np.uint32(126 << 23)).astype(np.uint16)
-  big = a >= np.uint32(0x477ff000)  # Rounds beyond 65504: inf; and inf, NaN themselves.
-  if big.any():
-    nan = a[big] > np.uint32(0x7f800000)
-    payload = ((a[big] >> 13) & np.uint32(0x3ff)).astype(np.uint16)
-    # A NaN keeps its top payload bits (numpy's scalar rule; one whose kept payload is 0 stays
-    # NaN). Only the stretch's output is cast here, and it is always finite.
-    h[big] = np.where(nan, np.uint16(0x7c00) | np.maximum(payload, np.uint16(1)),
-                      np.uint16(0x7c00))
-  h |= (bits >> 16).astype(np.uint16) & np.uint16(0x8000)
-  return h.view(np.float16)
-
-
 def bin_image(images: np.ndarray, factor: int) -> np.ndarray:
   """Block-MEAN of (..., H, W) over factor x factor pixels: (..., H/factor, W/factor) float32.
 

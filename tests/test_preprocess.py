@@ -294,4 +294,3 @@ def test_aperture_flux_in_nanomaggies():
   images[0, 32, 32 + 10] = 50.0            # 2.5" from the centre.
   assert pp.aperture_flux(images[:1], headers[:1], 6.0)[0] > flux[0]
   assert pp.aperture_flux(images[:1], headers[:1], 2.0)[0] == flux[0]
-

@@ -37,10 +37,10 @@ Like every entry point it restarts itself with glibc's transparent huge pages
 processes it starts inherit that setting: both frameworks run in the same environment.
 Prints one JSON line per figure ({"figure", "value", "unit", "vs_torch", ...}), then markdown
 tables and the goals. --quick: 2 timed seed steps and 5 of each small config (the peer: 1 and
-3, 90 s at most), the seed config peer-matched only; the same 384 mock galaxies (the steady two-worker prepare rate is
-the difference of two runs of a few seconds: with 192 it read 29, 47 and 70 galaxies/s/core in
-three runs, with 384 45 and 51). About 15 minutes on 2 AVX2 cores (a seed step of batch 8
-takes ~16-21 s there), about 5 without the peer.
+3, 90 s at most), the seed config peer-matched only; the same 384 mock galaxies (the steady
+two-worker prepare rate is the difference of two runs of a few seconds: with 192 it read 29,
+47 and 70 galaxies/s/core in three runs, with 384 45 and 51). About 15 minutes on 2 AVX2 cores
+(a seed step of batch 8 takes ~16-21 s there), about 5 without the peer.
 """
 
 if __name__ == "__main__":  # First, before jax and TensorFlow load: see astra_jax.hugepages.
@@ -339,7 +339,7 @@ def step_counts(variant: str, quick: bool) -> tuple[int, int]:
 
   --quick times the small configs' steps (~0.5-6 s) 5 times, the peer's 3: with 2, one step
   slowed by the shared machine made the median (one run: small peer-matched float32 5.9 and
-  3.6 s in warmup, then 6.2 s timed, 0.75x the peer against 1.5-1.8x in three other runs).
+  3.6 s in warmup, then 6.2 s timed, 0.75x the peer against 1.16-1.77x in five other runs).
   """
   if _STEPS.value:
     return _STEPS.value, 1 if quick and variant == "seed" else _STEPS.value
@@ -725,8 +725,8 @@ def goals() -> list[str]:
                  f"(goal >= 1.2x): {verdict}")
     if r["figure"].startswith("train_step seed bfloat16") and r.get("mfu") is not None:
       out.append(f"{r['figure']}: {r['mfu']:.1%} of the bf16 matmul peak (the highest rate "
-                 f"measured in the run's train section, {r['peak_gflop_s']:.0f} GFLOP/s) (goal >= 80%): "
-                 f"{'met' if r['mfu'] >= 0.8 else 'NOT met'}")
+                 f"measured in the run's train section, {r['peak_gflop_s']:.0f} GFLOP/s) "
+                 f"(goal >= 80%): {'met' if r['mfu'] >= 0.8 else 'NOT met'}")
     if r["figure"].startswith("input pipeline"):
       out.append(f"input pipeline: {r['value']} samples/s/core (goal >= 400): "
                  f"{'met' if r['value'] >= 400 else 'NOT met'}")

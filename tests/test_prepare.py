@@ -4,6 +4,7 @@ import csv
 import json
 import multiprocessing
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -232,7 +233,6 @@ def test_reader_processes_do_not_import_tensorflow(survey):
 def _faults_of_fresh_blocks(n=20, blocks=4, nbytes=2 << 20):
   """Minor page faults of `n` rounds of filling `blocks` arrays of `nbytes` at once and freeing
   them (what a galaxy's arrays do), after a first such round."""
-  import resource  # pylint: disable=g-import-not-at-top
   def one_round():
     arrays = [np.ones(nbytes // 4, np.float32) for _ in range(blocks)]
     del arrays

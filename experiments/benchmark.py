@@ -339,7 +339,7 @@ def step_counts(variant: str, quick: bool) -> tuple[int, int]:
 
   --quick times the small configs' steps (~0.5-6 s) 5 times, the peer's 3: with 2, one step
   slowed by the shared machine made the median (one run: small peer-matched float32 5.9 and
-  3.6 s in warmup, then 6.2 s timed, 0.75x the peer against 1.16-1.77x in five other runs).
+  3.6 s in warmup, then 6.2 s timed, 0.75x the peer against 1.16-1.77x in six other runs).
   """
   if _STEPS.value:
     return _STEPS.value, 1 if quick and variant == "seed" else _STEPS.value

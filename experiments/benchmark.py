@@ -396,8 +396,7 @@ def train_section(peaks: dict[str, float], timeout: int, quick: bool):
                             cpu_share=round(peer["cpu_share"], 2))
             emit(f"torch_peer {variant} {dtype}", round(peer_samples, 4), "samples/s", **detail)
         xla = timing["xla_flops"] / batch
-        rows.append((dtype, gflops_s, dict(
-            figure=name, value=round(samples_s, 3), unit="samples/s", vs_torch=vs_torch,
+        rows.append((dtype, gflops_s, name, round(samples_s, 3), vs_torch, dict(
             batch=batch, step_s=round(timing["step_s"], 3),
             compile_s=round(timing["compile_s"], 1),
             warmup_s=[round(w, 1) for w in timing["warmup_s"]], gflop_per_s=round(gflops_s, 1),
@@ -409,10 +408,10 @@ def train_section(peaks: dict[str, float], timeout: int, quick: bool):
     after = matmul_peak(reps=3, dtypes=tuple(_DTYPES.value), quiet=True)
     for dtype in _DTYPES.value:
       peaks[dtype] = max(peaks[dtype], after[dtype])
-  for dtype, gflops_s, row in rows:
+  for dtype, gflops_s, name, samples_s, vs_torch, detail in rows:
     peak = peaks.get(dtype)
-    figure, value, unit, vs_torch = (row.pop(k) for k in ("figure", "value", "unit", "vs_torch"))
-    emit(figure, value, unit, vs_torch, **row, mfu=round(gflops_s / peak, 3) if peak else None,
+    emit(name, samples_s, "samples/s", vs_torch, **detail,
+         mfu=round(gflops_s / peak, 3) if peak else None,
          peak_gflop_s=round(peak, 1) if peak else None)
 
 

@@ -3,11 +3,14 @@
 import csv
 import json
 import multiprocessing
+import multiprocessing.pool
 import os
 import resource
 import shutil
 import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -252,3 +255,47 @@ def test_reader_processes_keep_freed_memory():
   with multiprocessing.get_context("spawn").Pool(1) as pool:
     fresh = pool.apply(_faults_of_fresh_blocks)
   assert fresh >= 20 and kept * 10 < fresh, (kept, fresh)
+
+
+def test_ordered_results_bounds_the_jobs_ahead_of_a_slow_consumer():
+  # A writer slower than the readers: plain imap lets all 40 jobs run ahead; this keeps the pool
+  # at most `ahead` jobs past what the consumer has taken, and keeps the jobs' order.
+  started = []
+
+  def read(job):
+    started.append(job)
+    return job, np.full(1 << 16, job, np.float32)  # A result worth holding back: 256 KB.
+
+  ahead, leads, out = 6, [], []
+  with multiprocessing.pool.ThreadPool(2) as pool:
+    for job, array in examples.ordered_results(pool, read, range(40), ahead=ahead, chunksize=2):
+      out.append(job)
+      assert array[0] == job
+      time.sleep(0.005)  # Serialising and writing the example.
+      leads.append(len(started) - len(out))
+    assert out == list(range(40)) and len(started) == 40
+    assert max(leads) <= ahead and max(leads) >= ahead - 2, leads  # Bounded, yet kept busy.
+    with multiprocessing.pool.ThreadPool(2) as unbounded:
+      started.clear()
+      for k, _ in enumerate(unbounded.imap(read, range(40), 2)):
+        time.sleep(0.005)
+        if k == 5:
+          assert len(started) > 5 + ahead  # What the bound is for.
+          break
+
+
+def test_ordered_results_abandoned_early_frees_the_pool():
+  # The pool's task handler waits inside the job generator for a free slot: a consumer that
+  # stops early must release it, or the pool would never hand out another task (prepare's next
+  # split) and closing it would wait forever.
+  pool = multiprocessing.pool.ThreadPool(2)  # Not `with`: a stuck pool would hang its exit.
+  stream = examples.ordered_results(pool, lambda job: job, range(100), ahead=3)
+  assert [next(stream) for _ in range(2)] == [0, 1]
+  time.sleep(0.2)  # The task handler now waits for a slot.
+  stream.close()
+  task = pool.apply_async(lambda: "next")
+  task.wait(timeout=10)
+  if not task.ready():
+    pool._terminate.cancel()  # pylint: disable=protected-access  # Stuck: fail, not hang at exit.
+  assert task.ready() and task.get() == "next"
+  pool.terminate()

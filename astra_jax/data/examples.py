@@ -10,6 +10,8 @@ import ctypes
 import dataclasses
 import multiprocessing
 import multiprocessing.pool
+import threading
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -119,6 +121,36 @@ def reader_pool(num_workers: int) -> multiprocessing.pool.Pool:
   """`num_workers` spawned reader processes for `try_example` (they import only this module's
   dependencies, not the parent's TensorFlow), each with `keep_freed_memory`."""
   return multiprocessing.get_context("spawn").Pool(num_workers, initializer=keep_freed_memory)
+
+
+def ordered_results(pool: multiprocessing.pool.Pool, fn: Callable, jobs: Iterable, ahead: int,
+                    chunksize: int = 1) -> Iterator[Any]:
+  """`pool.imap(fn, jobs, chunksize)`, with at most `ahead` jobs handed to the pool and their
+  results not yet yielded.
+
+  Plain `imap` has no such bound: its workers run on while the consumer is slower (prepare's
+  main process serialises and writes each example), and the results they finish wait in memory,
+  ~0.9 MB per 288-px galaxy, for as long as the run lasts. `ahead` >= `chunksize`.
+  """
+  if ahead < chunksize:  # imap waits for a whole chunk before it hands any of it out.
+    raise ValueError(f"ahead ({ahead}) must be at least chunksize ({chunksize})")
+  slots = threading.Semaphore(ahead)
+  closed = False
+
+  def gated():  # Runs in the pool's task-handler thread, which it holds back.
+    for job in jobs:
+      slots.acquire()
+      if closed:
+        return
+      yield job
+
+  try:
+    for result in pool.imap(fn, gated(), chunksize):
+      slots.release()
+      yield result
+  finally:
+    closed = True  # An abandoned stream must not leave the task handler waiting (pool.close hangs).
+    slots.release()
 
 
 def rejection(specobj_id: str | None, path: str, reason: str, detail: str | None = None) -> dict:

@@ -207,6 +207,26 @@ def test_read_image_in_extension_or_compressed(tmp_path):
     assert header["EXPTIME"] == 100.0
 
 
+def test_read_image_header_keys(tmp_path):
+  # Only the keys asked for, as a dict with the values astropy gives them, from the fast path
+  # (plain primary HDU) and from astropy's (a tile-compressed extension) alike.
+  data = np.random.default_rng(3).normal(size=(8, 6)).astype(np.float32)
+  plain = write_image(tmp_path / "p.fits", data)
+  fits.HDUList([fits.PrimaryHDU(), fits.CompImageHDU(data, _header(), compression_type="GZIP_2",
+                                                     quantize_level=0.0)]).writeto(
+                                                         tmp_path / "c.fits")
+  keys = ("MAGZERO", "EXPTIME", "FILTER", "SKYSIG")  # SKYSIG: not in these headers.
+  for path in (plain, tmp_path / "c.fits"):
+    image, header = fits_io.read_image(path, header_keys=keys)
+    np.testing.assert_array_equal(image, data)
+    full = fits_io.read_image(path)[1]
+    assert header == {k: full[k] for k in keys[:3]}, path
+    assert isinstance(header["MAGZERO"], float) and header["FILTER"] == "g.00000"
+  assert preprocess.zero_point(header) == pytest.approx(30.0)
+  with pytest.raises(ValueError, match="standard FITS keywords"):
+    fits_io.read_image(plain, header_keys=("HIERARCH FPA.ZP",))
+
+
 def test_read_image_missing_garbage_truncated(tmp_path):
   path = tmp_path / "missing_g.fits"
   with pytest.raises(fits_io.InputError) as excinfo:

@@ -335,8 +335,15 @@ APERTURE_DIAMETER_ARCSEC = 3.0
 PS1_PIXEL_SCALE_ARCSEC = 0.25
 
 
+#: The header keys `zero_point` reads.
+ZERO_POINT_KEYS = ("MAGZERO", "EXPTIME")
+
+
 def zero_point(header) -> float:
-  """AB zero point of a cutout: MAGZERO, else 25 + 2.5 log10(EXPTIME) (PS1 stacks); NaN if neither."""
+  """AB zero point of a cutout: MAGZERO, else 25 + 2.5 log10(EXPTIME) (PS1 stacks); NaN if neither.
+
+  header: a fits.Header or any mapping of those keys.
+  """
   if "MAGZERO" in header:
     return float(header["MAGZERO"])
   if "EXPTIME" in header and float(header["EXPTIME"]) > 0:

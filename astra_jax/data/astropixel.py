@@ -307,9 +307,10 @@ class Astropixel(tfds.core.GeneratorBasedBuilder):
 
     @beam.ptransform_fn
     def read_examples(pbegin):
+      # Create makes one bundle: Reshuffle spreads the reads over the workers.
       read = (pbegin
               | "Galaxies" >> beam.Create(jobs)
-              | "Spread" >> beam.Reshuffle()   # Create is one bundle; spread the reads over workers.
+              | "Spread" >> beam.Reshuffle()
               | "Read" >> beam.FlatMap(_beam_example, config).with_outputs("rejected",
                                                                             main="examples"))
       _ = read.rejected | "WriteRejected" >> beam.io.WriteToText(prefix, file_name_suffix=".jsonl")

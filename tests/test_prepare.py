@@ -299,3 +299,28 @@ def test_ordered_results_abandoned_early_frees_the_pool():
     pool._terminate.cancel()  # pylint: disable=protected-access  # Stuck: fail, not hang at exit.
   assert task.ready() and task.get() == "next"
   pool.terminate()
+
+
+def test_reader_processes_hand_images_over_through_files(survey, tmp_path):
+  rows = fits_io.read_catalog(os.path.join(survey["raw"], "data.csv"))
+  config = examples.ExampleConfig.of(astropixel.make_config(image_size=32))
+  jobs = [(os.path.join(survey["raw"], f"Galaxy_{r.specobj_id}"), r, config) for r in rows
+          if r.specobj_id in survey["ids"][:3]]
+  direct = [examples.try_example(job) for job in jobs]
+  with examples.handoff_folder() as shm, examples.reader_pool(2) as pool:
+    assert shm is None or shm.startswith("/dev/shm/")
+    folder = shm or str(tmp_path)  # The same code path, where a machine has no /dev/shm.
+    handed = pool.map(examples.try_example_handed_over, [job + (folder,) for job in jobs])
+    assert all(isinstance(h[1]["image"], examples.HandedOver) for h in handed)
+    assert len(os.listdir(folder)) == len(jobs)
+    for (key, example, _), (ref_key, ref, _) in zip(handed, direct, strict=True):
+      example = examples.take_image(example)
+      assert key == ref_key and set(example) == set(ref)
+      for name in ref:
+        np.testing.assert_array_equal(example[name], ref[name], err_msg=name)
+    assert os.listdir(folder) == []  # Each file goes once its image is read back.
+    # Where no file can be written, the image comes back in the result itself.
+    _, example, _ = examples.try_example_handed_over(jobs[0] + (str(tmp_path / "gone"),))
+    np.testing.assert_array_equal(example["image"], direct[0][1]["image"])
+    open(os.path.join(folder, "left.npy"), "wb").close()
+  assert shm is None or not os.path.exists(shm)  # It goes, with what a stopped run left in it.

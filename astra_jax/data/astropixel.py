@@ -170,7 +170,7 @@ class Astropixel(tfds.core.GeneratorBasedBuilder):
     # specobj_ids yielded per split, in generation order (not collected with Beam).
     self.generated_ids: dict[str, list[str]] = {}
     self._beam = False
-    self._pool = None
+    self._pool = self._handoff = None
     super().__init__(*args, **kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -219,10 +219,11 @@ class Astropixel(tfds.core.GeneratorBasedBuilder):
         # searched for in this process.
         self._pool = stack.enter_context(
             examples.reader_pool(self.num_workers))
+        self._handoff = stack.enter_context(examples.handoff_folder())
       try:
         super()._download_and_prepare(dl_manager, download_config)
       finally:
-        self._pool = None
+        self._pool = self._handoff = None
 
   @property
   def _example_config(self) -> examples.ExampleConfig:
@@ -266,7 +267,10 @@ class Astropixel(tfds.core.GeneratorBasedBuilder):
     config = self._example_config
     jobs = [(galaxy_dir, row, config) for galaxy_dir, row in items]
     if self._pool is not None and len(jobs) > 1:
-      results = examples.ordered_results(self._pool, examples.try_example, jobs,
+      read = examples.try_example
+      if self._handoff is not None:
+        read, jobs = examples.try_example_handed_over, [job + (self._handoff,) for job in jobs]
+      results = examples.ordered_results(self._pool, read, jobs,
                                          ahead=READ_AHEAD_PER_WORKER * self.num_workers,
                                          chunksize=4)
     else:
@@ -274,7 +278,7 @@ class Astropixel(tfds.core.GeneratorBasedBuilder):
     for key, example, rejected in results:
       if rejected is None:
         ids.append(key)
-        yield key, example
+        yield key, examples.take_image(example)
       else:
         self.rejections.append(rejected)
 

@@ -215,11 +215,11 @@ class Astropixel(tfds.core.GeneratorBasedBuilder):
     self._beam = bool(download_config.beam_runner or download_config.beam_options)
     with contextlib.ExitStack() as stack:
       if self.num_workers > 1 and not self._beam:
+        # The folder the readers leave images in goes only after the pool has stopped them.
+        self._handoff = stack.enter_context(examples.handoff_folder())
         # One pool for all splits, started now: its workers import while the first examples are
         # searched for in this process.
-        self._pool = stack.enter_context(
-            examples.reader_pool(self.num_workers))
-        self._handoff = stack.enter_context(examples.handoff_folder())
+        self._pool = stack.enter_context(examples.reader_pool(self.num_workers))
       try:
         super()._download_and_prepare(dl_manager, download_config)
       finally:

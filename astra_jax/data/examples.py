@@ -150,9 +150,9 @@ def try_example_handed_over(args) -> tuple[str, dict | None, dict | None]:
   file in `folder` (from `handoff_folder`).
 
   Through a file in RAM, the main process reads a 288-px image (0.83 MB) with one copy; through
-  the pool's pipe it cost it ~3 ms of CPU per galaxy (64 KB reads, a buffer, unpickling), more
-  than serialising and writing the example. Where the folder is full (a container's /dev/shm
-  can be 64 MB), that image takes the pipe after all.
+  the pool's pipe it cost it ~3 ms of CPU per galaxy (64 KB reads, a buffer, unpickling), as
+  much as encoding, serialising and writing the example. Where the folder is full (a
+  container's /dev/shm can be 64 MB), that image takes the pipe after all.
   """
   *job, folder = args
   key, example, rejected = try_example(tuple(job))

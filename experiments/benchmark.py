@@ -40,9 +40,9 @@ Prints one JSON line per figure ({"figure", "value", "unit", "vs_torch", ...}), 
 tables and the goals. --quick: 2 timed seed steps and 5 of each small config (the peer: 1 and
 3, 90 s at most), the seed config peer-matched only; the same 384 mock galaxies (the steady
 two-worker prepare rate is the difference of two runs of a few seconds: with 192 it read 29,
-47 and 70 galaxies/s/core in three runs, with 384 45 and 51; a single slow run of the first
-half once made it 69.7 where the fastest of two runs each gives ~50). About 15 minutes on 2
-AVX2 cores (a seed step of batch 8 takes ~16-21 s there), about 5 without the peer.
+47 and 70 galaxies/s/core in three runs, with 384 45 and 51, and a single slow run of the
+first half once made it 69.7: hence the fastest of repeated runs). About 15 minutes on 2 AVX2
+cores (a seed step of batch 8 takes ~16-21 s there), about 5 without the peer.
 """
 
 if __name__ == "__main__":  # First, before jax and TensorFlow load: see astra_jax.hugepages.

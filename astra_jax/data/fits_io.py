@@ -261,8 +261,8 @@ def _read_primary_fast(f, out: Optional[np.ndarray] = None,
           keys[key.decode()] = _card_number(card)
         except ValueError:
           return None
-      if wanted is not None and key in wanted and card[8:10] == b"= " and key not in picked:
-        picked[key] = fits.Card.fromstring(card.decode("ascii", errors="replace")).value
+      if wanted is not None and key in wanted and card[8:10] == b"= ":  # The first one counts.
+        picked.setdefault(key.decode(), fits.Card.fromstring(card.decode("ascii", "replace")).value)
     head += block
   naxis = keys.get("NAXIS", 0)
   if "GROUPS" in keys or naxis not in (2, 3) or keys.get("BITPIX") not in _BITPIX_DTYPES:
@@ -294,7 +294,7 @@ def _read_primary_fast(f, out: Optional[np.ndarray] = None,
   if wanted is None:
     header = fits.Header.fromstring(head[:end].decode("ascii", errors="replace"))
   else:
-    header = {key.decode(): value for key, value in picked.items()}
+    header = picked
   return (out if direct else data.astype(np.float32, copy=False)), header
 
 

@@ -304,7 +304,7 @@ def test_ordered_results_abandoned_early_frees_the_pool():
 def test_reader_processes_hand_images_over_through_files(survey, tmp_path):
   rows = fits_io.read_catalog(os.path.join(survey["raw"], "data.csv"))
   config = examples.ExampleConfig.of(astropixel.make_config(image_size=32))
-  jobs = [(os.path.join(survey["raw"], f"Galaxy_{r.specobj_id}"), r, config) for r in rows
+  jobs = [(fits_io.galaxy_path(survey["raw"], r.specobj_id), r, config) for r in rows
           if r.specobj_id in survey["ids"][:3]]
   direct = [examples.try_example(job) for job in jobs]
   with examples.handoff_folder() as shm, examples.reader_pool(2) as pool:

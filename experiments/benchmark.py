@@ -575,11 +575,11 @@ def data_section(tmp: str, num_galaxies: int, quick: bool):
   half = num_galaxies // 2
   repeats = 2 if quick else 3
   dataset_dir = None  # The first whole mock prepared: the input pipeline's.
+  first_half = survey_subset(raw, half)
   for workers in (1, cores()):
     halves, wholes = [], []
     for r in range(repeats):
-      for runs, source, name in ((halves, survey_subset(raw, half), "half"),
-                                 (wholes, raw, "whole")):
+      for runs, source, name in ((halves, first_half, "half"), (wholes, raw, "whole")):
         out = os.path.join(tmp, f"tfds-{name}-{workers}-{r}")
         runs.append(time_prepare(source, out, workers))
         if name == "whole" and dataset_dir is None:

@@ -74,11 +74,16 @@ def make_schedule(config) -> optax.Schedule:
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
-  """AdamW with global-norm clipping; decay only on matrices/kernels (not biases, norms, tokens)."""
+  """AdamW with global-norm clipping; decay only on matrices/kernels (not biases, norms, tokens).
+
+  Adam's first moment is kept in `config.adam_mu_dtype` (float32 in configs written before the
+  field existed); the update itself is computed in float32 either way.
+  """
   decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
   return optax.chain(
       optax.clip_by_global_norm(config.grad_clip_norm),
-      optax.adamw(make_schedule(config), weight_decay=config.weight_decay, mask=decay_mask))
+      optax.adamw(make_schedule(config), weight_decay=config.weight_decay, mask=decay_mask,
+                  mu_dtype=jnp.dtype(config.get("adam_mu_dtype", "float32"))))
 
 
 def image_shape(config) -> tuple[int, int, int]:
@@ -242,6 +247,12 @@ def _type_handlers() -> ocp.type_handlers.TypeHandlerRegistry:
       (str, th.StringHandler()))
 
 
+def _zarr_dtype(dtype: np.dtype) -> str:
+  """The zarr v2 dtype TensorStore writes: numpy's typestr ("<f4"), or the name of an ml_dtypes
+  type such as "bfloat16" (little-endian), which numpy's typestr cannot tell apart ("<V2")."""
+  return dtype.name if dtype.kind == "V" else dtype.str
+
+
 def _zarr_chunk_file(folder: str, leaf) -> str | None:
   """The one chunk file of `folder`, a zarr v2 array Orbax wrote without compression, if it
   holds exactly `leaf` (same shape and dtype, C order, one chunk); "" for such an array that is
@@ -255,7 +266,7 @@ def _zarr_chunk_file(folder: str, leaf) -> str | None:
   shape = list(leaf.shape)
   if (meta.get("zarr_format") != 2 or meta.get("compressor") is not None
       or meta.get("filters") is not None or meta.get("order") != "C" or meta.get("shape") != shape
-      or meta.get("chunks") != shape or meta.get("dtype") != dtype.str):
+      or meta.get("chunks") != shape or meta.get("dtype") != _zarr_dtype(dtype)):
     return None
   path = os.path.join(folder, meta.get("dimension_separator", ".").join(["0"] * len(shape)) or "0")
   if not os.path.exists(path):
@@ -472,6 +483,8 @@ def validate_config(config):
     if not ok:
       raise ValueError(f"config.{field}={config_get(config, field)!r} is invalid: {allowed}")
   check(config.dtype in ("float32", "bfloat16"), "dtype", "one of 'float32', 'bfloat16'")
+  check(config.get("adam_mu_dtype", "float32") in ("float32", "bfloat16"), "adam_mu_dtype",
+        "one of 'float32', 'bfloat16'")
   check(config.rng_impl in ("threefry2x32", "rbg", "unsafe_rbg"), "rng_impl",
         "one of 'threefry2x32', 'rbg', 'unsafe_rbg'")
   check(config.batch_size > 0 and config.batch_size % jax.device_count() == 0, "batch_size",

@@ -10,12 +10,13 @@ machine's load; ratios taken minutes apart drift much less):
                  compile and 2 warmup steps excluded, the peer's too; median of N steps), for the
                  `seed` (batch 8) and `small` configs of experiments/configs/baseline.py in float32
                  and bfloat16: the model as configured, and "peer-matched" (the peer's fixed
-                 geometry: 288 px, 16-px patches, Conv1d(5->32->64) patch CNN, decoder hidden 2048;
-                 the config's dim, layers, heads and batch) next to the torch peer run as a
-                 subprocess at the same settings and precision. FLOP/s and MFU come from analytic
-                 FLOPs per sample, checked against XLA's cost analysis of the compiled step; the MFU
-                 denominator is the highest matmul rate measured in the train section (at its
-                 start, again just before each step, and after the last). A peer that runs
+                 geometry: 288 px, 16-px patches, Conv1d(5->32->64) patch CNN, decoder hidden 2048,
+                 float32 Adam moments; the config's dim, layers, heads and batch) next to the
+                 torch peer run as a subprocess at the same settings and precision. FLOP/s and
+                 MFU come from analytic FLOPs per sample, checked against XLA's cost analysis of
+                 the compiled step; the MFU denominator is the highest matmul rate measured in
+                 the train section (at its start, again just before each step, and after the
+                 last). A peer that runs
                  out of time (torch's bf16 matmuls crawl on CPUs without AVX512-BF16) gives an upper
                  bound on its rate, so vs_torch is then a lower bound;
   input pipeline `pipeline.train_dataset` over a prepared 288x288x5 mock (shuffle, parse, batch;
@@ -255,6 +256,7 @@ def bench_config(variant: str, dtype: str, embedding: str):
       config.model.patch_embedding = "conv1d"
       config.model.cnn_features = (32, 64)
       config.model.decoder_hidden = 2048
+      config.adam_mu_dtype = "float32"  # torch's Adam keeps both moments in float32.
   return config
 
 

@@ -1,4 +1,5 @@
-"""bfloat16 compute tracks float32: the same short training run in both, loss by loss."""
+"""bfloat16 compute, and a bfloat16 Adam first moment, track float32: the same short training run
+in each, loss by loss."""
 
 import jax
 import numpy as np
@@ -49,3 +50,27 @@ def test_bfloat16_loss_curve_tracks_float32(tiny_dataset):
   np.testing.assert_allclose(bf16[0], f32[0], rtol=0.005)
   np.testing.assert_allclose(bf16, f32, rtol=0.03)
   assert np.any(bf16 != f32)  # The bf16 run really computed in bf16.
+
+
+def test_bfloat16_adam_first_moment_tracks_float32(tiny_dataset):
+  config = baseline.get_config("tiny")
+  config.num_train_steps = NUM_STEPS
+  config.learning_rate = 3e-3
+  stream = pipeline.as_numpy(pipeline.train_dataset(
+      tiny_dataset, global_batch=config.batch_size, seed=0, shuffle_buffer=config.shuffle_buffer,
+      process_index=0, process_count=1))
+  batches = [{k: b[k] for k in MODEL_KEYS} for b, _ in zip(stream, range(NUM_STEPS))]
+  stream.close()
+  f32 = _losses(config, batches)
+  config.adam_mu_dtype = "bfloat16"
+  mu = train.make_optimizer(config).init({"w": np.zeros((4, 4), np.float32)})[1][0].mu
+  assert mu["w"].dtype == jax.numpy.bfloat16
+  bf16_mu = _losses(config, batches)
+  assert np.all(np.isfinite(bf16_mu))
+  assert f32[-3:].mean() < 0.8 * f32[:3].mean()
+  # The first update uses the float32 moment before it is stored, so the first two losses are
+  # float32's exactly; after that the stored moment's rounding (2^-9 relative) moves each loss by
+  # 0.13 % at most over these 15 steps (measured), against a 43 % fall.
+  np.testing.assert_array_equal(bf16_mu[:2], f32[:2])
+  np.testing.assert_allclose(bf16_mu, f32, rtol=0.01)
+  assert np.any(bf16_mu != f32)

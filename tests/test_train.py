@@ -184,7 +184,7 @@ def test_checkpoints_are_uncompressed_zarr_and_orbax_default_ones_still_restore(
 
 
 def test_direct_read_equals_orbax_restore_and_trains_on(tmp_path):
-  config = tiny_config()
+  config = tiny_config(adam_mu_dtype="bfloat16")  # bfloat16 arrays are read directly too.
   batches = [fake_batch(config, seed) for seed in range(2)]
   state, _, step = run_steps(config, jax.devices(), batches[:1])
   mesh = train.create_mesh()
@@ -199,6 +199,7 @@ def test_direct_read_equals_orbax_restore_and_trains_on(tmp_path):
   target = train.abstract_state(config, model, tx, mesh)
 
   direct = train.read_uncompressed(folder, target)
+  assert {str(x.dtype) for x in jax.tree.leaves(direct)} == {"bfloat16", "float32", "int32"}
   pointers = [x.addressable_data(0).unsafe_buffer_pointer() for x in jax.tree.leaves(direct)]
   # The arrays were copied out of the mapped files: no mapping of them is left behind.
   with open("/proc/self/maps") as f:

@@ -52,6 +52,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.z_loss_weight = 0.2     # lambda in  loss = spectrum MSE + lambda_norm * norm + lambda * z cross-entropy.
   c.norm_loss_weight = 1.0
   c.dtype = "float32"       # Compute dtype: float32 or bfloat16 (params stay float32).
+  c.adam_mu_dtype = "float32"  # Adam's first moment; bfloat16 takes 1/6 off the train state.
   c.rng_impl = "threefry2x32"
 
   # Bookkeeping.
@@ -82,6 +83,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval_every_steps = 1000
     c.checkpoint_every_steps = 1000
     c.dtype = "bfloat16"
+    c.adam_mu_dtype = "bfloat16"  # As big_vision's ViT configs: 1.82 -> 1.52 GB of state.
     c.model.patch_size = 16
     c.model.dim = 1280
     c.model.num_layers = 6

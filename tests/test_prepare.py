@@ -257,9 +257,9 @@ def test_reader_processes_keep_freed_memory():
   assert fresh >= 20 and kept * 10 < fresh, (kept, fresh)
 
 
-def test_ordered_results_bounds_the_jobs_ahead_of_a_slow_consumer():
+def test_shared_results_bounds_the_jobs_ahead_of_a_slow_consumer():
   # A writer slower than the readers: plain imap lets all 40 jobs run ahead; this keeps the pool
-  # at most `ahead` jobs past what the consumer has taken, and keeps the jobs' order.
+  # at most `ahead` jobs past what the consumer has taken.
   started = []
 
   def read(job):
@@ -268,12 +268,12 @@ def test_ordered_results_bounds_the_jobs_ahead_of_a_slow_consumer():
 
   ahead, leads, out = 6, [], []
   with multiprocessing.pool.ThreadPool(2) as pool:
-    for job, array in examples.ordered_results(pool, read, range(40), ahead=ahead, chunksize=2):
+    for job, array in examples.shared_results(pool, read, range(40), ahead=ahead, chunksize=2):
       out.append(job)
       assert array[0] == job
       time.sleep(0.005)  # Serialising and writing the example.
       leads.append(len(started) - len(out))
-    assert out == list(range(40)) and len(started) == 40
+    assert sorted(out) == list(range(40)) and len(started) == 40
     assert max(leads) <= ahead and max(leads) >= ahead - 2, leads  # Bounded, yet kept busy.
     with multiprocessing.pool.ThreadPool(2) as unbounded:
       started.clear()
@@ -284,13 +284,41 @@ def test_ordered_results_bounds_the_jobs_ahead_of_a_slow_consumer():
           break
 
 
-def test_ordered_results_abandoned_early_frees_the_pool():
+def test_shared_results_reads_here_while_no_worker_result_waits():
+  # One slow worker: the consuming thread reads most jobs itself rather than wait, every job is
+  # read once, and none is lost at the ends of the stream.
+  here = threading.get_ident()
+
+  def read(job):
+    time.sleep(0.02)
+    return job, threading.get_ident() == here
+
+  with multiprocessing.pool.ThreadPool(1) as pool:
+    results = list(examples.shared_results(pool, read, range(30), ahead=4, chunksize=2))
+  assert sorted(job for job, _ in results) == list(range(30))
+  by_this_thread = sum(local for _, local in results)
+  assert 10 <= by_this_thread < 30, by_this_thread  # About half each: both read the same speed.
+  # `local_fn` is what this thread runs: e.g. a job's in-process variant.
+  def local(job):
+    time.sleep(0.02)
+    return job, "local"
+
+  with multiprocessing.pool.ThreadPool(1) as pool:
+    results = list(examples.shared_results(pool, read, range(30), ahead=4, chunksize=2,
+                                           local_fn=local))
+  assert sorted(job for job, _ in results) == list(range(30))
+  assert {kind for _, kind in results} == {"local", False}
+  with pytest.raises(ValueError, match="ahead"):
+    next(examples.shared_results(None, read, range(3), ahead=1, chunksize=2))
+
+
+def test_shared_results_abandoned_early_frees_the_pool():
   # The pool's task handler waits inside the job generator for a free slot: a consumer that
   # stops early must release it, or the pool would never hand out another task (prepare's next
   # split) and closing it would wait forever.
   pool = multiprocessing.pool.ThreadPool(2)  # Not `with`: a stuck pool would hang its exit.
-  stream = examples.ordered_results(pool, lambda job: job, range(100), ahead=3)
-  assert [next(stream) for _ in range(2)] == [0, 1]
+  stream = examples.shared_results(pool, lambda job: job, range(100), ahead=3)
+  assert len([next(stream) for _ in range(2)]) == 2
   time.sleep(0.2)  # The task handler now waits for a slot.
   stream.close()
   task = pool.apply_async(lambda: "next")

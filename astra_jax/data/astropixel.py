@@ -38,9 +38,9 @@ from astra_jax.data.examples import RAW_IMAGE_SIZE
 from astra_jax.data.examples import rejection
 
 SPLITS = ("train", "validation", "test")
-# Galaxies submitted to the reader pool and not yet written, per worker: enough that no worker
-# waits for the next job, few enough that finished examples (~0.9 MB each at 288 px) never pile
-# up in memory behind a slower writer.
+# Galaxies submitted to the reader pool and not yet written, per reading process (this one
+# included): enough that no worker waits for the next job, few enough that finished examples
+# (~0.9 MB each at 288 px) never pile up in memory behind a slower writer.
 READ_AHEAD_PER_WORKER = 8
 # Beam workers write their rejections as JSON lines into this folder of the dataset directory; the
 # builder reads them back into `rejections` once the pipeline has finished, and removes it.
@@ -218,8 +218,8 @@ class Astropixel(tfds.core.GeneratorBasedBuilder):
         # The folder the readers leave images in goes only after the pool has stopped them.
         self._handoff = stack.enter_context(examples.handoff_folder())
         # One pool for all splits, started now: its workers import while the first examples are
-        # searched for in this process.
-        self._pool = stack.enter_context(examples.reader_pool(self.num_workers))
+        # searched for in this process. This process reads too (`examples.shared_results`).
+        self._pool = stack.enter_context(examples.reader_pool(self.num_workers - 1))
       try:
         super()._download_and_prepare(dl_manager, download_config)
       finally:
@@ -261,6 +261,8 @@ class Astropixel(tfds.core.GeneratorBasedBuilder):
     return None, None
 
   def _generate_examples(self, split, first, items) -> Iterator[tuple[str, dict]]:
+    """Yields (specobj_id, example) of `first` and then of each good galaxy in `items`, in the
+    order they are read (tfds orders the records by key, whatever order they come in)."""
     ids = self.generated_ids.setdefault(split, [])
     ids.append(first[0])
     yield first
@@ -270,17 +272,21 @@ class Astropixel(tfds.core.GeneratorBasedBuilder):
       read = examples.try_example
       if self._handoff is not None:
         read, jobs = examples.try_example_handed_over, [job + (self._handoff,) for job in jobs]
-      results = examples.ordered_results(self._pool, read, jobs,
-                                         ahead=READ_AHEAD_PER_WORKER * self.num_workers,
-                                         chunksize=4)
+      results = examples.shared_results(
+          self._pool, read, jobs, ahead=READ_AHEAD_PER_WORKER * self.num_workers, chunksize=4,
+          local_fn=lambda job: examples.try_example(job[:3]))  # Read here: nothing to hand over.
     else:
       results = map(examples.try_example, jobs)
+    rejected_here = []
     for key, example, rejected in results:
       if rejected is None:
         ids.append(key)
         yield key, examples.take_image(example)
       else:
-        self.rejections.append(rejected)
+        rejected_here.append(rejected)
+    # In the order of `items`, as one process reading them all (and a Beam run) reports them.
+    position = {row.specobj_id: k for k, (_, row) in enumerate(items)}
+    self.rejections.extend(sorted(rejected_here, key=lambda r: position[r["specobj_id"]]))
 
   def stored_ids(self, split: str) -> list[str]:
     """The specobj_ids of a split just prepared, sorted (the manifest's order).

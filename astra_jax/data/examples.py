@@ -179,34 +179,78 @@ def take_image(example: dict) -> dict:
   return example
 
 
-def ordered_results(pool: multiprocessing.pool.Pool, fn: Callable, jobs: Iterable, ahead: int,
-                    chunksize: int = 1) -> Iterator[Any]:
-  """`pool.imap(fn, jobs, chunksize)`, with at most `ahead` jobs handed to the pool and their
-  results not yet yielded.
+def shared_results(pool: multiprocessing.pool.Pool, fn: Callable, jobs: Iterable, ahead: int,
+                   chunksize: int = 1, local_fn: Callable | None = None) -> Iterator[Any]:
+  """The results of `fn` over `jobs`, computed by `pool`'s workers and by this thread alike, in
+  the order they are ready (not the jobs' order).
 
-  Plain `imap` has no such bound: its workers run on while the consumer is slower (prepare's
-  main process serialises and writes each example), and the results they finish wait in memory,
-  ~0.9 MB per 288-px galaxy, for as long as the run lasts. `ahead` >= `chunksize`.
+  Whenever no worker's result is waiting, this thread runs the next job itself (`local_fn`,
+  default `fn`) instead of waiting. prepare's main process serialises and writes every example;
+  with a reader process fewer, it reads galaxies in the time it would otherwise wait, with no
+  pipe or process switch for those.
+
+  Workers take `chunksize` jobs at a time, and at most `ahead` jobs (>= `chunksize`) are handed
+  to the pool and their results not yet yielded: plain `imap` has no such bound, and results
+  that a slower consumer has not taken yet (~0.9 MB per 288-px galaxy) pile up in memory.
   """
-  if ahead < chunksize:  # imap waits for a whole chunk before it hands any of it out.
+  if ahead < chunksize:
     raise ValueError(f"ahead ({ahead}) must be at least chunksize ({chunksize})")
+  local_fn = local_fn or fn
+  jobs = iter(jobs)
+  lock = threading.Lock()  # This thread and the pool's task handler both take jobs.
   slots = threading.Semaphore(ahead)
   closed = False
 
-  def gated():  # Runs in the pool's task-handler thread, which it holds back.
-    for job in jobs:
-      slots.acquire()
-      if closed:
-        return
-      yield job
+  def take():
+    with lock:
+      return next(jobs, _NO_JOB)
 
+  def chunks():  # Runs in the pool's task-handler thread, which it holds back.
+    while True:
+      chunk = []
+      while len(chunk) < chunksize:
+        slots.acquire()
+        job = _NO_JOB if closed else take()
+        if job is _NO_JOB:
+          slots.release()
+          break
+        chunk.append(job)
+      if chunk:
+        yield fn, chunk
+      if len(chunk) < chunksize:
+        return
+
+  # chunksize 1 for the pool itself: its own chunking returns a generator, with no timeout.
+  results = pool.imap_unordered(_apply_to_each, chunks(), 1)
   try:
-    for result in pool.imap(fn, gated(), chunksize):
-      slots.release()
-      yield result
+    while True:
+      try:
+        done = results.next(timeout=0)
+      except multiprocessing.TimeoutError:
+        job = take()
+        if job is not _NO_JOB:
+          yield local_fn(job)
+          continue
+        try:
+          done = results.next()
+        except StopIteration:
+          return
+      except StopIteration:
+        return
+      for result in done:
+        slots.release()
+        yield result
   finally:
     closed = True  # An abandoned stream must not leave the task handler waiting (pool.close hangs).
     slots.release()
+
+
+_NO_JOB = object()
+
+
+def _apply_to_each(fn_and_jobs: tuple[Callable, list]) -> list:
+  fn, jobs = fn_and_jobs
+  return [fn(job) for job in jobs]
 
 
 def rejection(specobj_id: str | None, path: str, reason: str, detail: str | None = None) -> dict:

@@ -57,7 +57,8 @@ def prepare(raw_dir: str, data_dir: str, *, bands=grid.PS1_BANDS, image_size: in
 
   `beam_runner` (e.g. "DirectRunner", "DataflowRunner") reads the galaxies with Apache Beam, with
   `beam_options` a command line of Beam pipeline options; `num_workers` is then unused (the
-  runner's options set the parallelism). None: in this process, `num_workers` reader processes.
+  runner's options set the parallelism). None: `num_workers` processes read the galaxies, this
+  one included (it also writes the examples, and reads whenever no other has one ready).
   """
   if beam_options and not beam_runner:
     raise ValueError("beam_options need a beam_runner")
@@ -143,7 +144,7 @@ if __name__ == "__main__":
   flags.DEFINE_float("stretch_beta", 2.5, "asinh softening in units of the sky sigma.")
   flags.DEFINE_integer("min_valid_pixels", 500, "Reject spectra with fewer valid grid pixels.")
   flags.DEFINE_integer("num_workers", min(os.cpu_count() or 1, 8),
-                       "Reader processes (without --beam_runner).")
+                       "Processes reading galaxies, this one included (without --beam_runner).")
   flags.DEFINE_string("beam_runner", None,
                       "Read the galaxies with Apache Beam on this runner: DirectRunner, "
                       "DataflowRunner, FlinkRunner, SparkRunner, ... Default: no Beam.")

@@ -16,9 +16,8 @@ machine's load; ratios taken minutes apart drift much less):
                  MFU come from analytic FLOPs per sample, checked against XLA's cost analysis of
                  the compiled step; the MFU denominator is the highest matmul rate measured in
                  the train section (at its start, again just before each step, and after the
-                 last). A peer that runs
-                 out of time (torch's bf16 matmuls crawl on CPUs without AVX512-BF16) gives an upper
-                 bound on its rate, so vs_torch is then a lower bound;
+                 last). A peer that runs out of time (torch's bf16 matmuls crawl on CPUs without
+                 AVX512-BF16) gives an upper bound on its rate, so vs_torch is then a lower bound;
   input pipeline `pipeline.train_dataset` over a prepared 288x288x5 mock (shuffle, parse, batch;
                  the random flips/rotations are part of the train step), samples/s per core;
   prepare        `prepare.prepare` of a fresh mock with 1 worker and with one worker per core,

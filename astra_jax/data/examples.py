@@ -249,6 +249,7 @@ _NO_JOB = object()
 
 
 def _apply_to_each(fn_and_jobs: tuple[Callable, list]) -> list:
+  """(fn, jobs) -> [fn(job) for each job]: one pool task of `shared_results`."""
   fn, jobs = fn_and_jobs
   return [fn(job) for job in jobs]
 

@@ -1,6 +1,7 @@
 """Raw ASTROPIXEL folder -> tfds shards: every galaxy written or rejected with its reason."""
 
 import csv
+import functools
 import json
 import multiprocessing
 import multiprocessing.pool
@@ -338,7 +339,7 @@ def test_reader_processes_hand_images_over_through_files(survey, tmp_path):
   with examples.handoff_folder() as shm, examples.reader_pool(2) as pool:
     assert shm is None or shm.startswith("/dev/shm/")
     folder = shm or str(tmp_path)  # The same code path, where a machine has no /dev/shm.
-    handed = pool.map(examples.try_example_handed_over, [job + (folder,) for job in jobs])
+    handed = pool.map(functools.partial(examples.try_example_handed_over, folder=folder), jobs)
     assert all(isinstance(h[1]["image"], examples.HandedOver) for h in handed)
     assert len(os.listdir(folder)) == len(jobs)
     for (key, example, _), (ref_key, ref, _) in zip(handed, direct, strict=True):
@@ -348,7 +349,7 @@ def test_reader_processes_hand_images_over_through_files(survey, tmp_path):
         np.testing.assert_array_equal(example[name], ref[name], err_msg=name)
     assert os.listdir(folder) == []  # Each file goes once its image is read back.
     # Where no file can be written, the image comes back in the result itself.
-    _, example, _ = examples.try_example_handed_over(jobs[0] + (str(tmp_path / "gone"),))
+    _, example, _ = examples.try_example_handed_over(jobs[0], str(tmp_path / "gone"))
     np.testing.assert_array_equal(example["image"], direct[0][1]["image"])
     open(os.path.join(folder, "left.npy"), "wb").close()
   assert shm is None or not os.path.exists(shm)  # It goes, with what a stopped run left in it.

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 from typing import Iterator
@@ -271,10 +272,10 @@ class Astropixel(tfds.core.GeneratorBasedBuilder):
     if self._pool is not None and len(jobs) > 1:
       read = examples.try_example
       if self._handoff is not None:
-        read, jobs = examples.try_example_handed_over, [job + (self._handoff,) for job in jobs]
+        read = functools.partial(examples.try_example_handed_over, folder=self._handoff)
       results = examples.shared_results(
           self._pool, read, jobs, ahead=READ_AHEAD_PER_WORKER * self.num_workers, chunksize=4,
-          local_fn=lambda job: examples.try_example(job[:3]))  # Read here: nothing to hand over.
+          local_fn=examples.try_example)  # Read here: nothing to hand over.
     else:
       results = map(examples.try_example, jobs)
     rejected_here = []

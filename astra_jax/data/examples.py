@@ -145,17 +145,16 @@ def handoff_folder() -> Iterator[str | None]:
     yield folder
 
 
-def try_example_handed_over(args) -> tuple[str, dict | None, dict | None]:
-  """(galaxy_dir, row, config, folder) -> `try_example`'s result, the image as a `HandedOver`
-  file in `folder` (from `handoff_folder`).
+def try_example_handed_over(args, folder: str) -> tuple[str, dict | None, dict | None]:
+  """(galaxy_dir, row, config) -> `try_example`'s result, the image as a `HandedOver` file in
+  `folder` (from `handoff_folder`).
 
   Through a file in RAM, the main process reads a 288-px image (0.83 MB) with one copy; through
   the pool's pipe it cost it ~3 ms of CPU per galaxy (64 KB reads, a buffer, unpickling), as
   much as encoding, serialising and writing the example. Where the folder is full (a
   container's /dev/shm can be 64 MB), that image takes the pipe after all.
   """
-  *job, folder = args
-  key, example, rejected = try_example(tuple(job))
+  key, example, rejected = try_example(args)
   if example is not None:
     path = None
     try:

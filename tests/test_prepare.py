@@ -10,6 +10,7 @@ import resource
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -328,6 +329,39 @@ def test_shared_results_abandoned_early_frees_the_pool():
     pool._terminate.cancel()  # pylint: disable=protected-access  # Stuck: fail, not hang at exit.
   assert task.ready() and task.get() == "next"
   pool.terminate()
+
+
+_KILLED_IN_HANDOFF = """
+import os, signal, sys
+from astra_jax.data import examples
+with examples.handoff_folder(sys.argv[1]) as folder:
+  open(os.path.join(folder, "image.npy"), "wb").write(bytes(1000))
+  print(folder, flush=True)
+  os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_killed_preparations_handoff_folder_is_removed_by_the_next(tmp_path):
+  root = str(tmp_path)
+  killed = subprocess.run([sys.executable, "-c", _KILLED_IN_HANDOFF, root], capture_output=True,
+                          text=True, check=False)
+  assert killed.returncode == -9
+  left = killed.stdout.strip()
+  assert os.path.basename(left).startswith("astra-prepare-")
+  assert os.listdir(left) == ["image.npy"]  # SIGKILL: no exit handler ran.
+  ours = tempfile.mkdtemp(prefix=f"astra-prepare-{os.getpid()}-", dir=root)  # A live process's.
+  other = os.path.join(root, "astra-prepare-abc")  # No pid in its name.
+  os.mkdir(other)
+  with examples.handoff_folder(root):  # Just killed: the folder may still be in use elsewhere.
+    pass
+  assert os.path.isdir(left)
+  old = time.time() - examples.STALE_HANDOFF_S - 1
+  for folder in (left, ours, other):
+    os.utime(folder, (old, old))
+  with examples.handoff_folder(root) as folder:
+    assert os.path.basename(folder).startswith(f"astra-prepare-{os.getpid()}-")
+    assert sorted(os.listdir(root)) == sorted(os.path.basename(f) for f in (folder, ours, other))
+  assert not os.path.exists(folder)
 
 
 def test_reader_processes_hand_images_over_through_files(survey, tmp_path):

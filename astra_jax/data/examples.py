@@ -12,10 +12,13 @@ import dataclasses
 import multiprocessing
 import multiprocessing.pool
 import os
+import shutil
 import tempfile
 import threading
+import time
 from typing import Any, Callable, Iterable, Iterator
 
+from absl import logging
 import numpy as np
 
 from astra_jax import grid
@@ -133,16 +136,66 @@ class HandedOver:
   path: str
 
 
+HANDOFF_PREFIX = "astra-prepare-"
+# A folder whose process is gone is removed once nothing has been written into it for this long:
+# a running preparation adds files every few milliseconds, and where /dev/shm is shared between
+# pid namespaces (containers started with --ipc=host) a live process elsewhere can look dead here.
+STALE_HANDOFF_S = 600.0
+
+
 @contextlib.contextmanager
-def handoff_folder() -> Iterator[str | None]:
-  """A fresh folder in RAM (/dev/shm) for reader processes' images, removed on exit with
-  whatever is left in it; None where there is no /dev/shm (the images then go through the
-  pool's pipe)."""
-  if not (os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK | os.X_OK)):
+def handoff_folder(root: str = "/dev/shm") -> Iterator[str | None]:
+  """A fresh folder in RAM (`root`, /dev/shm) for reader processes' images, removed on exit with
+  whatever is left in it; None where there is no such folder (the images then go through the
+  pool's pipe).
+
+  The folder is named after this process (astra-prepare-<pid>-<random>). A preparation that was
+  killed (SIGKILL, out of memory) leaves its folder behind, and /dev/shm is memory: the next
+  preparation removes such folders (`remove_stale_handoff_folders`) and logs what it freed.
+  """
+  if not (os.path.isdir(root) and os.access(root, os.W_OK | os.X_OK)):
     yield None
     return
-  with tempfile.TemporaryDirectory(prefix="astra-prepare-", dir="/dev/shm") as folder:
+  remove_stale_handoff_folders(root)
+  with tempfile.TemporaryDirectory(prefix=f"{HANDOFF_PREFIX}{os.getpid()}-", dir=root) as folder:
     yield folder
+
+
+def remove_stale_handoff_folders(root: str = "/dev/shm",
+                                 min_age_s: float = STALE_HANDOFF_S) -> list[str]:
+  """Removes the handoff folders in `root` whose process no longer runs and which nothing has
+  changed for `min_age_s` seconds; returns their paths. Folders of other users, of live
+  processes, or without a pid in their name (left by versions before it was added) stay."""
+  removed = []
+  now = time.time()
+  for entry in os.scandir(root):
+    pid = entry.name[len(HANDOFF_PREFIX):].split("-")[0]
+    if not (entry.name.startswith(HANDOFF_PREFIX) and pid.isdigit()):
+      continue
+    try:
+      if (not entry.is_dir(follow_symlinks=False) or entry.stat().st_uid != os.getuid()
+          or now - entry.stat().st_mtime < min_age_s or _alive(int(pid))):
+        continue
+      size = sum(f.stat().st_size for f in os.scandir(entry.path) if f.is_file())
+      shutil.rmtree(entry.path)
+    except OSError as e:  # Removed meanwhile, or not ours to remove: leave it.
+      logging.warning("Could not remove the stale handoff folder %s: %s", entry.path, e)
+      continue
+    logging.warning("Removed %s, left by a stopped preparation (pid %s): %.1f MB freed",
+                    entry.path, pid, size / 1e6)
+    removed.append(entry.path)
+  return removed
+
+
+def _alive(pid: int) -> bool:
+  """Whether a process `pid` exists (in this pid namespace)."""
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # Someone else's.
+    return True
+  return True
 
 
 def try_example_handed_over(args, folder: str) -> tuple[str, dict | None, dict | None]:

@@ -83,7 +83,12 @@ def make_optimizer(config) -> optax.GradientTransformation:
   return optax.chain(
       optax.clip_by_global_norm(config.grad_clip_norm),
       optax.adamw(make_schedule(config), weight_decay=config.weight_decay, mask=decay_mask,
-                  mu_dtype=jnp.dtype(config.get("adam_mu_dtype", "float32"))))
+                  mu_dtype=jnp.dtype(adam_mu_dtype(config))))
+
+
+def adam_mu_dtype(config) -> str:
+  """`config.adam_mu_dtype`, or "float32" for configs written before the field existed."""
+  return config.get("adam_mu_dtype", "float32")
 
 
 def image_shape(config) -> tuple[int, int, int]:
@@ -483,7 +488,7 @@ def validate_config(config):
     if not ok:
       raise ValueError(f"config.{field}={config_get(config, field)!r} is invalid: {allowed}")
   check(config.dtype in ("float32", "bfloat16"), "dtype", "one of 'float32', 'bfloat16'")
-  check(config.get("adam_mu_dtype", "float32") in ("float32", "bfloat16"), "adam_mu_dtype",
+  check(adam_mu_dtype(config) in ("float32", "bfloat16"), "adam_mu_dtype",
         "one of 'float32', 'bfloat16'")
   check(config.rng_impl in ("threefry2x32", "rbg", "unsafe_rbg"), "rng_impl",
         "one of 'threefry2x32', 'rbg', 'unsafe_rbg'")

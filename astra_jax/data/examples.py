@@ -173,8 +173,9 @@ def remove_stale_handoff_folders(root: str = "/dev/shm",
     if not (entry.name.startswith(HANDOFF_PREFIX) and pid.isdigit()):
       continue
     try:
-      if (not entry.is_dir(follow_symlinks=False) or entry.stat().st_uid != os.getuid()
-          or now - entry.stat().st_mtime < min_age_s or _alive(int(pid))):
+      stat = entry.stat(follow_symlinks=False)
+      if (not entry.is_dir(follow_symlinks=False) or stat.st_uid != os.getuid()
+          or now - stat.st_mtime < min_age_s or _alive(int(pid))):
         continue
       size = sum(f.stat().st_size for f in os.scandir(entry.path) if f.is_file())
       shutil.rmtree(entry.path)

@@ -16,7 +16,7 @@ from astra_jax.models import (Astra, MultiHeadAttention, PatchCNN, TransformerBl
                               TransformerEncoder, patch_grid, sincos_2d, z_bin_centers, z_pdf_stats)
 from astra_jax.models.astra import PatchConv
 from astra_jax.models.common import Dense
-from astra_jax.models.transformer import QKVProjection, keep_mask
+from astra_jax.models.transformer import QKVProjection, keep_mask, unstack
 
 BANDS = 5
 # One layer keeps compile times down; TransformerEncoder is tested with two layers below.
@@ -314,6 +314,29 @@ def test_qkv_projection_is_dense_general():
   np.testing.assert_allclose(q1, q[:, -1:], rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(k1, k, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(v1, v, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_unstack_has_the_gradient_of_slicing(dtype):
+  # unstack's backward pass stacks the cotangents where slicing pads and sums them: the same
+  # values, bit for bit, also in bf16 and with a slice left unused (a zero cotangent).
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, 5, 3, 4)), dtype)
+  w = jnp.asarray(rng.normal(size=(3, 2, 5, 4)), jnp.float32)
+  used = (0, 2)
+
+  def loss(x, split):
+    parts = split(x)
+    return sum(jnp.sum(jnp.sin(parts[i].astype(jnp.float32)) * w[i]) for i in used)
+
+  by_slicing = lambda x: [x[:, :, i] for i in range(3)]
+  out, grad = jax.jit(jax.value_and_grad(lambda x: loss(x, lambda x: unstack(x, 2))))(x)
+  expected_out, expected = jax.jit(jax.value_and_grad(lambda x: loss(x, by_slicing)))(x)
+  assert grad.dtype == dtype and grad.shape == x.shape
+  np.testing.assert_array_equal(out, expected_out)
+  np.testing.assert_array_equal(np.asarray(grad, np.float32), np.asarray(expected, np.float32))
+  assert np.all(np.asarray(grad[:, :, 1], np.float32) == 0)
+  assert np.all(np.asarray(grad[:, :, 0], np.float32) != 0)
 
 
 @pytest.mark.parametrize("in_axes,reference", [(1, nn.Dense(6)),

@@ -10,6 +10,7 @@ for every token): the same summary, bit for bit up to float summation order, dro
 for ~1/7 fewer FLOPs at the seed's size (6 layers, 325 tokens).
 """
 
+import functools
 from typing import Optional, Sequence, Tuple
 
 import flax.linen as nn
@@ -94,6 +95,29 @@ class Dropout(nn.Module):
     return jnp.where(keep, x * scale, jnp.zeros((), x.dtype))
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def unstack(x: jax.Array, axis: int) -> tuple[jax.Array, ...]:
+  """The slices of x along `axis` (`x[:, :, i]` for axis 2); the gradient stacks their cotangents.
+
+  Slicing's own gradient pads each cotangent to x's shape and sums the pads: exact, but in
+  bfloat16 every pad and sum is rounded again, which kept XLA:CPU from turning them into one
+  concatenation (in a profiled seed bf16 step, the six blocks' qkv cotangents took 0.48 s of loop
+  fusions so, 0.19 s stacked; 0.08 s in float32).
+  """
+  return tuple(lax.index_in_dim(x, i, axis, keepdims=False) for i in range(x.shape[axis]))
+
+
+def _unstack_fwd(x, axis):
+  return unstack(x, axis), None
+
+
+def _unstack_bwd(axis, _, cotangents):
+  return (jnp.stack(cotangents, axis=axis),)
+
+
+unstack.defvjp(_unstack_fwd, _unstack_bwd)
+
+
 class QKVProjection(nn.Module):
   """Fused query/key/value projection of x (B, T, D): (q, k, v), each (B, T, H, Dh) in `dtype`.
 
@@ -112,10 +136,9 @@ class QKVProjection(nn.Module):
     bias = self.param("bias", nn.initializers.zeros_init(), shape, self.param_dtype)
     project = lambda inputs, w, b: dense_f32_acc(inputs, w, b, self.dtype)
     if not last_query_only:
-      qkv = project(x, kernel, bias)
-      return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    kv = project(x, kernel[:, 1:], bias[1:])
-    return project(x[:, -1:], kernel[:, 0], bias[0]), kv[:, :, 0], kv[:, :, 1]
+      return unstack(project(x, kernel, bias), 2)
+    k, v = unstack(project(x, kernel[:, 1:], bias[1:]), 2)
+    return project(x[:, -1:], kernel[:, 0], bias[0]), k, v
 
 
 class MultiHeadAttention(nn.Module):

@@ -24,3 +24,9 @@ def tiny_dataset(tmp_path_factory):
   root = tmp_path_factory.mktemp("tiny_dataset")
   mock.generate_survey(str(root / "raw"), 24, seed=3, num_workers=1)
   return prepare.prepare(str(root / "raw"), str(root / "tfds"), image_size=32)["dataset_dir"]
+
+
+def pytest_collection_modifyitems(items):
+  """The slow end-to-end tests first: with `-n 2` each takes a worker while the other worker
+  runs the rest, instead of one of them starting last and the suite waiting on it alone."""
+  items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # Stable: order kept.

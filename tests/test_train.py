@@ -12,6 +12,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
+from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from astra_jax import grid
@@ -233,6 +234,60 @@ def test_direct_read_equals_orbax_restore_and_trains_on(tmp_path):
   assert len(reused & set(pointers)) >= len(pointers) // 2, (len(reused & set(pointers)), len(pointers))
 
 
+def test_checkpoint_of_another_model_is_refused_naming_the_arrays(tmp_path):
+  config = tiny_config()
+  mesh = train.create_mesh()
+  model, tx = train.make_model(config), train.make_optimizer(config)
+  state = train.init_state(config, model, tx, mesh)
+  latest, _ = train.checkpoint_managers(str(tmp_path / "new"), config)
+  latest.save(1, args=ocp.args.StandardSave(state))
+  latest.wait_until_finished()
+  old = ocp.CheckpointManager(str(tmp_path / "old" / "checkpoints"),  # Orbax's defaults: OCDBT.
+                              options=ocp.CheckpointManagerOptions(create=True))
+  old.save(1, args=ocp.args.StandardSave(state))
+  old.wait_until_finished()
+
+  wider = tiny_config()
+  wider.model.dim = 48
+  deeper = tiny_config()
+  deeper.model.num_layers = 2
+  for workdir in ("new", "old"):
+    latest, _ = train.checkpoint_managers(str(tmp_path / workdir), config)
+    for other, expected in [
+        (wider, "params.embed.proj.bias: stored (32,), expected (48,)"),
+        (deeper, "params.encoder.block_1.attn.out.bias: missing from the checkpoint")]:
+      model, tx = train.make_model(other), train.make_optimizer(other)
+      with pytest.raises(train.CheckpointMismatchError, match="does not fit") as error:
+        train.restore_or_init(latest, other, model, tx, mesh)
+      assert expected in error.value.differences
+      message = str(error.value)
+      assert message.startswith(str(tmp_path / workdir / "checkpoints" / "1" / "default"))
+      assert error.value.differences[0] in message
+      assert f"{len(error.value.differences)} difference(s)" in message
+      assert os.path.join(str(tmp_path / workdir), "config.json") in message
+    # The differences as listed: none for the state saved, arrays it lacks, arrays it has more.
+    stored = train.CheckpointHandler()._impl.metadata(
+        epath.Path(tmp_path / workdir / "checkpoints" / "1" / "default"))
+    target = train.abstract_state(config, train.make_model(config), train.make_optimizer(config),
+                                  mesh)
+    deeper_target = train.abstract_state(deeper, train.make_model(deeper),
+                                         train.make_optimizer(deeper), mesh)
+    assert train.checkpoint_differences(stored, target) == []
+    assert any(d.endswith("not expected")
+               for d in train.checkpoint_differences(stored, target.replace(
+                   params={k: v for k, v in target.params.items() if k != "redshift"})))
+    assert all(d.endswith("missing from the checkpoint")
+               for d in train.checkpoint_differences(stored, deeper_target))
+
+  # Only names and shapes must agree: Orbax casts a moment saved in float32 to bfloat16.
+  narrower = tiny_config(adam_mu_dtype="bfloat16")
+  latest, _ = train.checkpoint_managers(str(tmp_path / "new"), config)
+  restored = train.restore_or_init(latest, narrower, train.make_model(narrower),
+                                   train.make_optimizer(narrower), mesh)
+  assert {str(x.dtype) for x in jax.tree.leaves(restored.opt_state)} == {
+      "bfloat16", "float32", "int32"}
+
+
 @pytest.mark.slow
 def test_train_and_evaluate_end_to_end_and_resume(tmp_path):
   config = baseline.get_config("tiny")
@@ -261,3 +316,11 @@ def test_train_and_evaluate_end_to_end_and_resume(tmp_path):
   train.train_and_evaluate(config, workdir)
   lines = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
   assert [l["step"] for l in lines if l["split"] == "train"] == [1, 2, 3, 4, 5, 6]
+
+  # Another model cannot resume it, and the config.json its checkpoints were saved with stays.
+  saved = open(os.path.join(workdir, "config.json")).read()
+  config.model.dim = 48
+  with pytest.raises(train.CheckpointMismatchError, match=r"To resume .*config\.json"):
+    train.train_and_evaluate(config, workdir)
+  assert open(os.path.join(workdir, "config.json")).read() == saved
+  assert json.loads(saved)["model"]["dim"] == 32 and json.loads(saved)["num_train_steps"] == 6

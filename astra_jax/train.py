@@ -240,7 +240,11 @@ class CheckpointHandler(ocp.StandardCheckpointHandler):
         return restored
       # Orbax's own error for another model's checkpoint names one array amid tracebacks from its
       # worker threads. (Only here, off the fast path: reading the metadata costs ~0.25 s.)
-      differences = checkpoint_differences(self._impl.metadata(epath.Path(directory)), target)
+      try:
+        stored = self._impl.metadata(epath.Path(directory))
+      except Exception:  # pylint: disable=broad-except
+        stored = None  # Unreadable metadata: Orbax's restore below says what is wrong.
+      differences = checkpoint_differences(stored, target) if stored is not None else []
       if differences:
         raise CheckpointMismatchError(os.fspath(directory), differences)
     return super().restore(directory, item=item, args=args)

@@ -243,10 +243,11 @@ class CheckpointHandler(ocp.StandardCheckpointHandler):
       try:
         stored = self._impl.metadata(epath.Path(directory))
       except Exception:  # pylint: disable=broad-except
-        stored = None  # Unreadable metadata: Orbax's restore below says what is wrong.
-      differences = checkpoint_differences(stored, target) if stored is not None else []
-      if differences:
-        raise CheckpointMismatchError(os.fspath(directory), differences)
+        pass  # Unreadable metadata: Orbax's restore below says what is wrong.
+      else:
+        differences = checkpoint_differences(stored, target)
+        if differences:
+          raise CheckpointMismatchError(os.fspath(directory), differences)
     return super().restore(directory, item=item, args=args)
 
 
@@ -268,8 +269,7 @@ def checkpoint_differences(stored, target) -> list[str]:
   """How the arrays of a checkpoint (`stored`: its Orbax tree metadata) differ from `target`'s by
   name and shape: "NAME: stored SHAPE, expected SHAPE", "NAME: missing from the checkpoint",
   "NAME: not expected"; [] when they agree."""
-  leaves, treedef = jax.tree.flatten(target)
-  names = treedef.flatten_up_to(ocp.tree.get_param_names(target, include_empty_nodes=False))
+  names, leaves, _ = _named_leaves(target)
   expected = {name: tuple(np.shape(x)) for name, x in zip(names, leaves)}
   found = {m.name: tuple(m.shape) for m in jax.tree.leaves(stored)
            if getattr(m, "shape", None) is not None}
@@ -277,6 +277,14 @@ def checkpoint_differences(stored, target) -> list[str]:
            for n in expected if n in found and found[n] != expected[n]]
           + [f"{n}: missing from the checkpoint" for n in expected if n not in found]
           + [f"{n}: not expected" for n in found if n not in expected])
+
+
+def _named_leaves(tree) -> tuple[list[str], list[Any], Any]:
+  """(names, leaves, treedef) of `tree`: each leaf's Orbax name ("params.decoder.hidden.bias",
+  the folder it is saved in) beside it, in flattening order."""
+  leaves, treedef = jax.tree.flatten(tree)
+  names = treedef.flatten_up_to(ocp.tree.get_param_names(tree, include_empty_nodes=False))
+  return names, leaves, treedef
 
 
 def _type_handlers() -> ocp.type_handlers.TypeHandlerRegistry:
@@ -372,9 +380,7 @@ def read_uncompressed(directory, target) -> Any | None:
   directory = os.fspath(directory)
   if not os.path.isdir(directory):  # Also remote paths (gs://...): Orbax reads those.
     return None
-  names = ocp.tree.get_param_names(target, include_empty_nodes=False)
-  leaves, treedef = jax.tree.flatten(target)
-  names = treedef.flatten_up_to(names)
+  names, leaves, treedef = _named_leaves(target)
   if not all(isinstance(x, np.ndarray) or getattr(x, "sharding", None) is not None
              for x in leaves):
     return None

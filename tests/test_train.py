@@ -251,6 +251,9 @@ def test_checkpoint_of_another_model_is_refused_naming_the_arrays(tmp_path):
   wider.model.dim = 48
   deeper = tiny_config()
   deeper.model.num_layers = 2
+  target = train.abstract_state(config, model, tx, mesh)
+  deeper_target = train.abstract_state(deeper, train.make_model(deeper),
+                                       train.make_optimizer(deeper), mesh)
   for workdir in ("new", "old"):
     latest, _ = train.checkpoint_managers(str(tmp_path / workdir), config)
     for other, expected in [
@@ -268,10 +271,6 @@ def test_checkpoint_of_another_model_is_refused_naming_the_arrays(tmp_path):
     # The differences as listed: none for the state saved, arrays it lacks, arrays it has more.
     stored = train.CheckpointHandler()._impl.metadata(
         epath.Path(tmp_path / workdir / "checkpoints" / "1" / "default"))
-    target = train.abstract_state(config, train.make_model(config), train.make_optimizer(config),
-                                  mesh)
-    deeper_target = train.abstract_state(deeper, train.make_model(deeper),
-                                         train.make_optimizer(deeper), mesh)
     assert train.checkpoint_differences(stored, target) == []
     assert any(d.endswith("not expected")
                for d in train.checkpoint_differences(stored, target.replace(

@@ -12,6 +12,17 @@ pages; the torch peer's step, 8.9 and 5.3 s; reading and preprocessing a galaxy,
 results change. Set ASTRA_HUGEPAGES=0 to keep a process as it was started (e.g. in a debugger);
 in a notebook, start Jupyter with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 for the same effect.
 
+Data preparation runs without the tunable: `astra_jax.data.prepare` does not re-execute, and
+`spawn_context` keeps it from the reader processes that a huge-page process spawns (prepare's and
+predict's). Those processes allocate and free a galaxy's few MB for each galaxy, and there the
+tunable cost more than the faults it saved: in a profile of one-worker preparation, the
+`np.empty` of each galaxy's stretched image (1.7 MB) took 1.2 ms with it (malloc touching a
+fresh 2 MiB page) and 0.02 ms without. Measured on 2026-12-02 (alternating fresh processes,
+`prepare.prepare` of mock galaxies): two workers, 768 galaxies, 9.1-10.8 s with the tunable and
+8.6-9.5 s without (each of 4 pairs faster without); one worker, 384 galaxies, 6.2-7.9 and
+5.7-7.1 s (6 of 7 pairs). (The 18-22 against 12-17 ms above predate the readers keeping their
+freed memory, `examples.keep_freed_memory`.)
+
 `small_pages()` turns huge pages off for a block that touches much memory once: on the
 Firecracker VM these figures come from, faulting in fresh 2 MiB pages was ~2x slower than 4 KiB
 ones (restoring the seed TrainState: 3.6-4.7 s with them, 2.0-2.6 s without).
@@ -19,6 +30,7 @@ ones (restoring the seed TrainState: 3.6-4.7 s with them, 2.0-2.6 s without).
 
 import contextlib
 import ctypes
+import multiprocessing.context
 import os
 import platform
 import sys
@@ -70,6 +82,62 @@ def reexec_with_huge_pages():
   sys.stdout.flush()
   sys.stderr.flush()
   os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+
+
+def environ_without_tunable(environ=None) -> dict[str, str]:
+  """`environ` (default `os.environ`) as a new dict with glibc's huge-page tunable taken out of
+  GLIBC_TUNABLES: other tunables stay, and the variable goes when none is left."""
+  env = dict(os.environ if environ is None else environ)
+  key = TUNABLE.split("=")[0]
+  kept = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t and t.split("=")[0] != key]
+  if kept:
+    env["GLIBC_TUNABLES"] = ":".join(kept)
+  else:
+    env.pop("GLIBC_TUNABLES", None)
+  return env
+
+
+_environ_lock = threading.RLock()
+
+
+@contextlib.contextmanager
+def _withheld_from_children():
+  """Processes started inside the block start without the huge-page tunable: glibc reads
+  GLIBC_TUNABLES once, when a program starts, and a spawned process gets `os.environ`, which
+  lacks the tunable inside the block. Blocks of different threads take turns."""
+  with _environ_lock:
+    before = os.environ.get("GLIBC_TUNABLES")
+    after = environ_without_tunable().get("GLIBC_TUNABLES")
+    if before == after:
+      yield
+      return
+    if after is None:
+      del os.environ["GLIBC_TUNABLES"]
+    else:
+      os.environ["GLIBC_TUNABLES"] = after
+    try:
+      yield
+    finally:
+      os.environ["GLIBC_TUNABLES"] = before
+
+
+class _SpawnProcess(multiprocessing.context.SpawnProcess):
+  """A spawned process that starts without the huge-page tunable."""
+
+  def start(self):
+    with _withheld_from_children():
+      super().start()
+
+
+class _SpawnContext(multiprocessing.context.SpawnContext):
+  Process = _SpawnProcess
+
+
+def spawn_context() -> multiprocessing.context.SpawnContext:
+  """multiprocessing's "spawn" context, except that its processes start without the huge-page
+  tunable: for a `Pool` (`ctx.Pool(...)`) or a `ProcessPoolExecutor(mp_context=...)`, whenever
+  they start a worker (at once, on demand, or to replace one that died)."""
+  return _SpawnContext()
 
 
 _PR_SET_THP_DISABLE, _PR_GET_THP_DISABLE = 41, 42  # <linux/prctl.h>

@@ -34,8 +34,9 @@ machine's load; ratios taken minutes apart drift much less):
                  one fresh process and restored by another;
   peak RSS       of this process and of its largest child.
 Like every entry point it restarts itself with glibc's transparent huge pages
-(`astra_jax.hugepages`; ASTRA_HUGEPAGES=0 to measure without), and the torch peer and the prepare
-processes it starts inherit that setting: both frameworks run in the same environment.
+(`astra_jax.hugepages`; ASTRA_HUGEPAGES=0 to measure without), and the torch peer it starts
+inherits that setting: both frameworks run in the same environment. The prepare processes start
+without it, as prepare's command line runs.
 Prints one JSON line per figure ({"figure", "value", "unit", "vs_torch", ...}), then markdown
 tables and the goals. --quick: 2 timed seed steps and 5 of each small config (the peer: 1 and
 3, 90 s at most), the seed config peer-matched only; the same 384 mock galaxies (the steady
@@ -136,11 +137,12 @@ def cpu_seconds(who) -> float:
   return usage.ru_utime + usage.ru_stime
 
 
-def run_snippet(snippet: str, what: str, *args: str) -> dict:
-  """Runs `snippet` in a fresh Python process (repo root, this environment) and returns the
-  last JSON line it prints; raises naming `what` and the error's last lines if it fails."""
+def run_snippet(snippet: str, what: str, *args: str, env: dict | None = None) -> dict:
+  """Runs `snippet` in a fresh Python process (repo root; `env`, default this environment) and
+  returns the last JSON line it prints; raises naming `what` and the error's last lines if it
+  fails."""
   proc = subprocess.run([sys.executable, "-c", snippet, *args],
-                        capture_output=True, text=True, cwd=_REPO, check=False)
+                        capture_output=True, text=True, cwd=_REPO, check=False, env=env)
   lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
   if proc.returncode or not lines:
     raise RuntimeError(f"{what} failed: {proc.stderr.strip().splitlines()[-3:]}")
@@ -541,8 +543,12 @@ if __name__ == "__main__":
 
 
 def time_prepare(raw: str, out: str, workers: int) -> dict:
-  """prepare's summary plus `seconds` (wall) and `cpu_s` (with its workers), imports excluded."""
-  return run_snippet(_PREPARE_SNIPPET, "prepare", raw, out, str(workers))
+  """prepare's summary plus `seconds` (wall) and `cpu_s` (with its workers), imports excluded.
+
+  Without glibc's huge-page tunable, as prepare's command line runs (see astra_jax.hugepages).
+  """
+  return run_snippet(_PREPARE_SNIPPET, "prepare", raw, out, str(workers),
+                     env=hugepages.environ_without_tunable())
 
 
 def survey_subset(raw: str, num_galaxies: int) -> str:

@@ -22,6 +22,7 @@ from absl import logging
 import numpy as np
 
 from astra_jax import grid
+from astra_jax import hugepages
 from astra_jax.data import fits_io
 from astra_jax.data import preprocess
 
@@ -111,9 +112,9 @@ def keep_freed_memory():
   are faulted in and zeroed again for the next. A reader process only ever holds one galaxy, so
   keeping them costs no memory worth counting (RSS ~80 MB either way). Measured with two readers
   on a 2-core AMD EPYC (three alternating runs of 384 galaxies): 15.4-17.2 -> 11.9-13.4 CPU-ms
-  per galaxy, 860 -> 19 page faults; under glibc.malloc.hugetlb=1 (what prepare's command line
-  re-executes with where it can, see `astra_jax.hugepages`) 14.1-16.7 -> 14.7-15.1 ms, within
-  noise, as huge pages already leave 19 faults. A no-op without glibc.
+  per galaxy, 860 -> 19 page faults; under glibc.malloc.hugetlb=1 (which readers no longer
+  start with, see `astra_jax.hugepages`) 14.1-16.7 -> 14.7-15.1 ms, within noise, as huge pages
+  already leave 19 faults. A no-op without glibc.
   """
   try:
     mallopt = ctypes.CDLL(None).mallopt
@@ -126,8 +127,9 @@ def keep_freed_memory():
 
 def reader_pool(num_workers: int) -> multiprocessing.pool.Pool:
   """`num_workers` spawned reader processes for `try_example` (they import only this module's
-  dependencies, not the parent's TensorFlow), each with `keep_freed_memory`."""
-  return multiprocessing.get_context("spawn").Pool(num_workers, initializer=keep_freed_memory)
+  dependencies, not the parent's TensorFlow), each with `keep_freed_memory` and without glibc's
+  huge-page tunable, even where this process has it (see `astra_jax.hugepages`)."""
+  return hugepages.spawn_context().Pool(num_workers, initializer=keep_freed_memory)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -25,10 +25,6 @@ sit in it. Rerunning on a prepared dataset reuses it and prints the same line.
 
 from __future__ import annotations
 
-if __name__ == "__main__":  # First, before jax and TensorFlow load: see astra_jax.hugepages.
-  from astra_jax import hugepages  # pylint: disable=g-import-not-at-top
-  hugepages.reexec_with_huge_pages()
-
 import json
 import os
 import shlex
@@ -136,6 +132,8 @@ def main(argv):
   sys.stdout.write(json.dumps(result) + "\n")
 
 
+# Unlike the other entry points, this one does not restart with glibc's huge-page tunable:
+# a galaxy's few-MB arrays, allocated anew for each, ran slower with it (see astra_jax.hugepages).
 if __name__ == "__main__":
   flags.DEFINE_string("raw_dir", None, "ASTROPIXEL-layout folder (data.csv + Galaxy_* folders).")
   flags.DEFINE_string("data_dir", None, "tfds data_dir to write the shards into.")

@@ -77,23 +77,37 @@ def reexec_with_huge_pages():
   """
   if not wanted():
     return
-  tunables = [t for t in os.environ.get("GLIBC_TUNABLES", "").split(":") if t] + [TUNABLE]
+  tunables = _tunables(os.environ.get("GLIBC_TUNABLES")) + [TUNABLE]
   env = dict(os.environ, GLIBC_TUNABLES=":".join(tunables), **{_DONE: "1"})
   sys.stdout.flush()
   sys.stderr.flush()
   os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
 
 
+def _tunables(value: str | None) -> list[str]:
+  """The entries ("name=value") of a GLIBC_TUNABLES value."""
+  return [t for t in (value or "").split(":") if t]
+
+
+def _without_tunable(value: str | None) -> str | None:
+  """A GLIBC_TUNABLES value without the huge-page tunable; None when no other is left."""
+  key = TUNABLE.split("=")[0]
+  return ":".join(t for t in _tunables(value) if t.split("=")[0] != key) or None
+
+
+def _set_tunables(environ, value: str | None):
+  """Sets GLIBC_TUNABLES in `environ` to `value`, or removes it for None."""
+  if value is None:
+    environ.pop("GLIBC_TUNABLES", None)
+  else:
+    environ["GLIBC_TUNABLES"] = value
+
+
 def environ_without_tunable(environ=None) -> dict[str, str]:
   """`environ` (default `os.environ`) as a new dict with glibc's huge-page tunable taken out of
   GLIBC_TUNABLES: other tunables stay, and the variable goes when none is left."""
   env = dict(os.environ if environ is None else environ)
-  key = TUNABLE.split("=")[0]
-  kept = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t and t.split("=")[0] != key]
-  if kept:
-    env["GLIBC_TUNABLES"] = ":".join(kept)
-  else:
-    env.pop("GLIBC_TUNABLES", None)
+  _set_tunables(env, _without_tunable(env.get("GLIBC_TUNABLES")))
   return env
 
 
@@ -107,18 +121,11 @@ def _withheld_from_children():
   lacks the tunable inside the block. Blocks of different threads take turns."""
   with _environ_lock:
     before = os.environ.get("GLIBC_TUNABLES")
-    after = environ_without_tunable().get("GLIBC_TUNABLES")
-    if before == after:
-      yield
-      return
-    if after is None:
-      del os.environ["GLIBC_TUNABLES"]
-    else:
-      os.environ["GLIBC_TUNABLES"] = after
+    _set_tunables(os.environ, _without_tunable(before))
     try:
       yield
     finally:
-      os.environ["GLIBC_TUNABLES"] = before
+      _set_tunables(os.environ, before)
 
 
 class _SpawnProcess(multiprocessing.context.SpawnProcess):

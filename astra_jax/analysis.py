@@ -94,8 +94,8 @@ def restore(workdir: str, step: int | None = None, best: bool = False
   `best=True`, `workdir/best/<step>` (the lowest validation loss unless `step` is given). Only
   shapes are computed (jax.eval_shape): no data and no initialisation are needed, and any device
   count works whatever the run trained on. Raises FileNotFoundError naming `workdir` when there is
-  no such checkpoint, and `train.CheckpointMismatchError` when the model of `config.json` does not
-  fit it.
+  no such checkpoint, `train.CheckpointMismatchError` when the model of `config.json` does not
+  fit it, and `train.CheckpointDamagedError` naming a truncated or unreadable file of it.
   """
   config = load_config(workdir)
   model = train.make_model(config)

@@ -221,7 +221,8 @@ class CheckpointHandler(ocp.StandardCheckpointHandler):
   kernel's page zeroing was half of that restore's time.
   Anything else (other formats, shapes or dtypes that differ from the target, a target without
   shardings, remote paths) goes to Orbax as before, except a checkpoint whose array names or
-  shapes are not the target's: `CheckpointMismatchError` lists them.
+  shapes are not the target's: `CheckpointMismatchError` lists them. A truncated array file or
+  unreadable metadata raises `CheckpointDamagedError` naming the file.
   """
 
   def __init__(self):
@@ -242,8 +243,11 @@ class CheckpointHandler(ocp.StandardCheckpointHandler):
       # worker threads. (Only here, off the fast path: reading the metadata costs ~0.25 s.)
       try:
         stored = self._impl.metadata(epath.Path(directory))
+      except ValueError as e:  # json.JSONDecodeError among them, which names no file.
+        raise CheckpointDamagedError(os.fspath(directory), [
+            f"{os.path.join(os.fspath(directory), '_METADATA')}: unreadable ({e})"]) from e
       except Exception:  # pylint: disable=broad-except
-        pass  # Unreadable metadata: Orbax's restore below says what is wrong.
+        pass  # Missing metadata, say: Orbax's restore below says what is wrong.
       else:
         differences = checkpoint_differences(stored, target)
         if differences:
@@ -263,6 +267,20 @@ class CheckpointMismatchError(ValueError):
     super().__init__(f"{directory}: the checkpoint does not fit the state being restored "
                      f"({len(differences)} difference(s): {shown}{more}); it was saved with "
                      "another model or optimiser config" + (f". {advice}" if advice else ""))
+
+
+class CheckpointDamagedError(ValueError):
+  """A checkpoint whose files are not as they were saved: an array file of the wrong size, or
+  metadata that does not parse (a copy cut short, a full or failing disk). `problems` names each
+  file and what is wrong with it."""
+
+  def __init__(self, directory: str, problems: list[str], advice: str = ""):
+    self.directory = directory
+    self.problems = problems
+    shown = "; ".join(problems[:5])
+    more = f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
+    super().__init__(f"{directory}: the checkpoint is damaged and cannot be restored "
+                     f"({shown}{more})" + (f". {advice}" if advice else ""))
 
 
 def checkpoint_differences(stored, target) -> list[str]:
@@ -309,23 +327,41 @@ def _zarr_dtype(dtype: np.dtype) -> str:
 def _zarr_chunk_file(folder: str, leaf) -> str | None:
   """The one chunk file of `folder`, a zarr v2 array Orbax wrote without compression, if it
   holds exactly `leaf` (same shape and dtype, C order, one chunk); "" for such an array that is
-  all zeros (TensorStore writes no chunk equal to the fill value); None otherwise."""
+  all zeros (TensorStore writes no chunk equal to the fill value); None otherwise.
+
+  Raises `CheckpointDamagedError` for a `.zarray` that does not parse, or for a chunk file whose
+  size is not that of the array its `.zarray` describes (Orbax would fail on both, naming
+  neither file).
+  """
+  zarray = os.path.join(folder, ".zarray")
   try:
-    with open(os.path.join(folder, ".zarray")) as f:
-      meta = json.load(f)
+    with open(zarray) as f:
+      text = f.read()
+  except OSError:  # No such array.
+    return None
+  try:
+    meta = json.loads(text)
+  except ValueError as e:
+    raise CheckpointDamagedError(os.path.dirname(folder), [f"{zarray}: unreadable ({e})"]) from e
+  try:
     dtype = np.dtype(leaf.dtype)
-  except (OSError, ValueError, TypeError):  # No such array, or a dtype numpy lacks (PRNG keys).
+  except TypeError:  # A dtype numpy lacks (PRNG keys).
     return None
   shape = list(leaf.shape)
-  if (meta.get("zarr_format") != 2 or meta.get("compressor") is not None
-      or meta.get("filters") is not None or meta.get("order") != "C" or meta.get("shape") != shape
-      or meta.get("chunks") != shape or meta.get("dtype") != _zarr_dtype(dtype)):
+  if (not isinstance(meta, dict) or meta.get("zarr_format") != 2
+      or meta.get("compressor") is not None or meta.get("filters") is not None
+      or meta.get("order") != "C" or meta.get("shape") != shape or meta.get("chunks") != shape
+      or meta.get("dtype") != _zarr_dtype(dtype)):
     return None
   path = os.path.join(folder, meta.get("dimension_separator", ".").join(["0"] * len(shape)) or "0")
   if not os.path.exists(path):
     return "" if meta.get("fill_value") in (None, 0) else None
-  if not os.path.isfile(path) or os.path.getsize(path) != dtype.itemsize * int(np.prod(shape)):
+  if not os.path.isfile(path):
     return None
+  size, expected = os.path.getsize(path), dtype.itemsize * int(np.prod(shape))
+  if size != expected:
+    raise CheckpointDamagedError(os.path.dirname(folder), [
+        f"{path}: {size} bytes, expected {expected} ({dtype.name} {tuple(shape)})"])
   return path
 
 
@@ -375,7 +411,9 @@ def read_uncompressed(directory, target) -> Any | None:
   read from an Orbax item folder of uncompressed zarr arrays; None when the folder is anything
   else (another format, a different tree, shape or dtype), which Orbax then restores.
 
-  jax leaves come back with the target's sharding, numpy leaves as numpy arrays.
+  jax leaves come back with the target's sharding, numpy leaves as numpy arrays. Raises
+  `CheckpointDamagedError` listing every array file of the wrong size and `.zarray` that does not
+  parse.
   """
   directory = os.fspath(directory)
   if not os.path.isdir(directory):  # Also remote paths (gs://...): Orbax reads those.
@@ -384,7 +422,15 @@ def read_uncompressed(directory, target) -> Any | None:
   if not all(isinstance(x, np.ndarray) or getattr(x, "sharding", None) is not None
              for x in leaves):
     return None
-  paths = [_zarr_chunk_file(os.path.join(directory, name), x) for name, x in zip(names, leaves)]
+  paths, problems = [], []
+  for name, leaf in zip(names, leaves):
+    try:
+      paths.append(_zarr_chunk_file(os.path.join(directory, name), leaf))
+    except CheckpointDamagedError as e:
+      paths.append(None)
+      problems.extend(e.problems)
+  if problems:
+    raise CheckpointDamagedError(directory, problems)
   stored = sum(1 for entry in os.scandir(directory)
                if os.path.isfile(os.path.join(entry.path, ".zarray")))
   if None in paths or stored != len(leaves):  # A different tree: Orbax explains what differs.
@@ -448,7 +494,8 @@ def incomplete_checkpoints(directory) -> list[str]:
 def restore_or_init(manager: ocp.CheckpointManager, config, model, tx, mesh) -> TrainState:
   """The latest complete checkpoint in `manager`, or a fresh state. Raises
   `CheckpointMismatchError` (naming the workdir's config.json) for a checkpoint that another
-  model or optimiser config saved."""
+  model or optimiser config saved, and `CheckpointDamagedError` (naming the files, and the step
+  to resume from instead) for one whose files are damaged."""
   step = manager.latest_step()
   incomplete = incomplete_checkpoints(manager.directory)
   if incomplete:
@@ -467,6 +514,14 @@ def restore_or_init(manager: ocp.CheckpointManager, config, model, tx, mesh) -> 
         f"To resume {workdir}, rerun with the config in {os.path.join(workdir, 'config.json')} "
         "(settings that leave the model and optimiser state as they are, such as "
         "num_train_steps, may change), or start a new workdir")) from None
+  except CheckpointDamagedError as e:
+    # Not done silently: a damaged checkpoint may mean a failing disk, and resuming from an
+    # earlier step repeats the steps since.
+    folder = os.path.join(os.fspath(manager.directory), str(step))
+    earlier = [s for s in manager.all_steps() if s < step]
+    then = f"resume from step {max(earlier)}" if earlier else "start afresh"
+    raise CheckpointDamagedError(e.directory, e.problems, advice=(
+        f"Move {folder} out of {manager.directory} to {then}")) from e
 
 
 # ---------------------------------------------------------------- evaluation

@@ -287,6 +287,54 @@ def test_checkpoint_of_another_model_is_refused_naming_the_arrays(tmp_path):
       "bfloat16", "float32", "int32"}
 
 
+def test_damaged_checkpoint_is_refused_naming_the_file(tmp_path):
+  config = tiny_config()
+  mesh = train.create_mesh()
+  model, tx = train.make_model(config), train.make_optimizer(config)
+  state = train.init_state(config, model, tx, mesh)
+  latest, _ = train.checkpoint_managers(str(tmp_path), config)
+  for step in (1, 2):
+    latest.save(step, args=ocp.args.StandardSave(state))
+  latest.wait_until_finished()
+  checkpoints = tmp_path / "checkpoints"
+  folder = checkpoints / "2" / "default"
+  kernel = folder / "params.decoder.spectrum.kernel"
+  chunk = kernel / "0.0"
+  shape = state.params["decoder"]["spectrum"]["kernel"].shape
+  size = chunk.stat().st_size
+  assert size == 4 * np.prod(shape)
+
+  def refused():
+    latest, _ = train.checkpoint_managers(str(tmp_path), config)
+    with pytest.raises(train.CheckpointDamagedError) as error:
+      train.restore_or_init(latest, config, model, tx, mesh)
+    message = str(error.value)
+    assert message.startswith(f"{folder}: the checkpoint is damaged")
+    assert f"Move {checkpoints / '2'} out of {checkpoints} to resume from step 1" in message
+    return error.value
+
+  # A copy cut short: the file, its size and the size it should have.
+  original = chunk.read_bytes()
+  chunk.write_bytes(original[:100])
+  assert refused().problems == [f"{chunk}: 100 bytes, expected {size} (float32 {shape})"]
+  chunk.write_bytes(original)
+  # An unreadable .zarray; the orbax-format metadata alone is not needed to read the arrays.
+  zarray = (kernel / ".zarray").read_text()
+  (kernel / ".zarray").write_text(zarray[:10])
+  (problem,) = refused().problems
+  assert problem.startswith(f"{kernel / '.zarray'}: unreadable (")
+  (kernel / ".zarray").write_text(zarray)
+  metadata = folder / "_METADATA"
+  metadata.write_text("{not json")
+  latest, _ = train.checkpoint_managers(str(tmp_path), config)
+  restored = train.restore_or_init(latest, config, model, tx, mesh)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), jax.device_get(state))
+  # Unreadable metadata where Orbax has to read it (an array's folder is gone).
+  os.rename(kernel, tmp_path / "kernel")
+  (problem,) = refused().problems
+  assert problem.startswith(f"{metadata}: unreadable (")
+
+
 @pytest.mark.slow
 def test_train_and_evaluate_end_to_end_and_resume(tmp_path):
   config = baseline.get_config("tiny")

@@ -262,11 +262,10 @@ class CheckpointMismatchError(ValueError):
   def __init__(self, directory: str, differences: list[str], advice: str = ""):
     self.directory = directory
     self.differences = differences
-    shown = "; ".join(differences[:5])
-    more = f"; and {len(differences) - 5} more" if len(differences) > 5 else ""
     super().__init__(f"{directory}: the checkpoint does not fit the state being restored "
-                     f"({len(differences)} difference(s): {shown}{more}); it was saved with "
-                     "another model or optimiser config" + (f". {advice}" if advice else ""))
+                     f"({len(differences)} difference(s): {_first_few(differences)}); it was "
+                     "saved with another model or optimiser config"
+                     + (f". {advice}" if advice else ""))
 
 
 class CheckpointDamagedError(ValueError):
@@ -277,10 +276,14 @@ class CheckpointDamagedError(ValueError):
   def __init__(self, directory: str, problems: list[str], advice: str = ""):
     self.directory = directory
     self.problems = problems
-    shown = "; ".join(problems[:5])
-    more = f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
     super().__init__(f"{directory}: the checkpoint is damaged and cannot be restored "
-                     f"({shown}{more})" + (f". {advice}" if advice else ""))
+                     f"({_first_few(problems)})" + (f". {advice}" if advice else ""))
+
+
+def _first_few(items: list[str], n: int = 5) -> str:
+  """The first `n` of `items` joined by "; ", and how many more there are."""
+  more = f"; and {len(items) - n} more" if len(items) > n else ""
+  return "; ".join(items[:n]) + more
 
 
 def checkpoint_differences(stored, target) -> list[str]:

@@ -379,7 +379,7 @@ def train_section(peaks: dict[str, float], timeout: int, quick: bool):
         samples_s = batch / timing["step_s"]
         gflops_s = samples_s * flops / 1e9
         vs_torch = peer_samples = None
-        bound = {}
+        timed_out = {}
         model = ("peer-matched conv1d" if embedding == "peer" else
                  config.model.patch_embedding)
         name = f"train_step {variant} {dtype} {model}"
@@ -388,7 +388,7 @@ def train_section(peaks: dict[str, float], timeout: int, quick: bool):
           if isinstance(peer, str):
             emit(f"torch_peer {variant} {dtype}", None, "samples/s", note=peer)
           elif peer.get("timed_out"):
-            bound = {"peer_timed_out_s": peer["timeout_s"]}
+            timed_out = {"peer_timed_out_s": peer["timeout_s"]}
             emit(f"torch_peer {variant} {dtype}", None, "samples/s",
                  note=f"timed out after {peer['timeout_s']} s, its start-up and "
                       f"{WARMUP_STEPS} warmup steps included: no rate (raise --torch_timeout)")
@@ -410,7 +410,7 @@ def train_section(peaks: dict[str, float], timeout: int, quick: bool):
             adjacent_peak_gflop_s=round(adjacent, 1) if adjacent else None,
             gflop_per_sample=round(flops / 1e9, 2), xla_gflop_per_sample=round(xla / 1e9, 2),
             xla_vs_analytic=round(xla / flops, 4), rng_impl=config.rng_impl,
-            loss=round(timing["loss"], 4), cpu_share=round(timing["cpu_share"], 2), **bound)))
+            loss=round(timing["loss"], 4), cpu_share=round(timing["cpu_share"], 2), **timed_out)))
   if peaks:
     after = matmul_peak(reps=3, dtypes=tuple(_DTYPES.value), quiet=True)
     for dtype in _DTYPES.value:

@@ -6,6 +6,7 @@ threefry-based initialisers dominate the runtime (compile time), not the arithme
 
 import flax.linen as nn
 import jax
+import jax.extend
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -15,6 +16,7 @@ from flax import traverse_util
 from astra_jax.models import (Astra, MultiHeadAttention, PatchCNN, TransformerBlock,
                               TransformerEncoder, patch_grid, sincos_2d, z_bin_centers, z_pdf_stats)
 from astra_jax.models.astra import PatchConv
+from astra_jax.models import common
 from astra_jax.models.common import Dense
 from astra_jax.models.transformer import QKVProjection, keep_mask, unstack
 
@@ -378,6 +380,64 @@ def test_dense_bf16_rounds_once_after_the_bias():
   # float32 accumulation order can move a result across a rounding boundary, rarely.
   assert np.mean(got == expected) > 0.99
   assert np.mean(got != twice) > 0.05  # Rounding before the bias would differ this often.
+
+
+@pytest.mark.parametrize("subscripts,shape_a,shape_b", [
+    ("mk,kn->mn", (12, 8), (8, 6)),                    # every Dense
+    ("bqhd,bkhd->bhqk", (2, 5, 2, 4), (2, 5, 2, 4)),   # attention logits
+    ("bhqk,bkhd->bqhd", (2, 2, 5, 5), (2, 5, 2, 4)),   # attention-weighted values
+    ("grk,kn->grn", (3, 7, 6), (6, 4)),                # the patch CNN's im2col matmul
+])
+def test_bf16_einsum_gradients_are_bf16_products(subscripts, shape_a, shape_b):
+  # The bf16 forward product accumulates in float32; the gradients are the float32 products of
+  # the bf16 operands with the cotangent rounded to bf16, returned in bf16 (common._einsum_f32).
+  rng = np.random.default_rng(0)
+  a, b = (jnp.asarray(rng.normal(size=s), jnp.bfloat16) for s in (shape_a, shape_b))
+  out, vjp = jax.vjp(lambda a, b: common._einsum_f32(subscripts, a, b), a, b)
+  g = jnp.asarray(rng.normal(size=out.shape), jnp.float32)
+  da, db = jax.jit(vjp)(g)
+  f64 = lambda x: np.asarray(x, np.float64)
+  ins, res = subscripts.split("->")
+  sub_a, sub_b = ins.split(",")
+  g16 = f64(g.astype(jnp.bfloat16))
+  assert out.dtype == jnp.float32 and (da.dtype, db.dtype) == (jnp.bfloat16,) * 2
+  np.testing.assert_allclose(f64(out), np.einsum(subscripts, f64(a), f64(b)), rtol=1e-5,
+                             atol=1e-5)
+  # Each gradient is rounded once to bf16 (2^-9 relative) from its float32 sum.
+  for got, spec, other in ((da, f"{res},{sub_b}->{sub_a}", b), (db, f"{res},{sub_a}->{sub_b}", a)):
+    expected = np.einsum(spec, g16, f64(other))
+    np.testing.assert_allclose(f64(got), expected, rtol=2 ** -8, atol=1e-3 * np.abs(expected).max())
+  # Rounding the cotangent is what makes them bf16 products: the float32 cotangent's gradient
+  # differs.
+  exact = np.einsum(f"{res},{sub_b}->{sub_a}", f64(g), f64(b))
+  assert np.abs(np.einsum(f"{res},{sub_b}->{sub_a}", g16, f64(b)) - exact).max() > 0
+
+
+def test_bf16_backward_pass_multiplies_bf16_by_bf16(monkeypatch):
+  # With bf16 matmul hardware every matmul of the backward pass multiplies two bf16 operands: a
+  # float32 cotangent times a bf16 operand is widened to a float32 matmul by XLA:CPU (half the
+  # bf16 rate on an AVX512-BF16 CPU: the seed-size bf16 step took the float32 step's time).
+  monkeypatch.setattr(common, "native_bf16_matmul", lambda: True)
+  model = Astra(**TINY, dtype=jnp.bfloat16)
+  images = _images()
+  params = jax.eval_shape(lambda: model.init(_key(), images, train=False))["params"]
+  loss = lambda p: jnp.mean(model.apply({"params": p}, images, train=True,
+                                        rngs={"dropout": _key()})["spectrum"] ** 2)
+  jaxpr = jax.make_jaxpr(jax.grad(loss))(params)
+  dots = []
+
+  def visit(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "dot_general":
+        dots.append(tuple(str(v.aval.dtype) for v in eqn.invars))
+      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+        visit(sub)
+
+  visit(jaxpr.jaxpr)
+  mixed = [d for d in dots if len(set(d)) > 1]
+  assert not mixed, mixed
+  # Forward and backward: the transformer's and the patch CNN's matmuls (the heads run in float32).
+  assert dots.count(("bfloat16", "bfloat16")) >= 3 * 6
 
 
 def test_z_bin_centers():

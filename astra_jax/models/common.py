@@ -58,6 +58,9 @@ def _low_precision(*operands) -> bool:
   return any(x.dtype != jnp.float32 for x in operands)
 
 
+_GROUPED = "grk,kn->grn"  # `grouped_matmul_f32`'s product, whose `_einsum_f32` gradient differs.
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _einsum_f32(subscripts: str, a: jax.Array, b: jax.Array) -> jax.Array:
   """Two-operand `jnp.einsum` with float32 result whose gradients are also matmuls of operands in
@@ -103,7 +106,6 @@ def _einsum_f32_bwd(subscripts, residuals, g):
   return grad(sub_b, b, sub_a, a), grad(sub_a, a, sub_b, b)
 
 
-_GROUPED = "grk,kn->grn"
 _einsum_f32.defvjp(_einsum_f32_fwd, _einsum_f32_bwd)
 
 

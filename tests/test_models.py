@@ -15,7 +15,7 @@ from flax import traverse_util
 
 from astra_jax.models import (Astra, MultiHeadAttention, PatchCNN, TransformerBlock,
                               TransformerEncoder, patch_grid, sincos_2d, z_bin_centers, z_pdf_stats)
-from astra_jax.models.astra import PatchConv
+from astra_jax.models.astra import PatchConv, patch_conv
 from astra_jax.models import common
 from astra_jax.models.common import Dense
 from astra_jax.models.transformer import QKVProjection, keep_mask, unstack
@@ -209,6 +209,34 @@ def test_patch_conv_is_nn_conv(shape, kernel_size):
                  grads[2])
 
 
+@pytest.mark.parametrize("shape,kernel_size", [((2, 6, 6, 4), 3), ((3, 16, 8), 3), ((2, 9, 3), 2)])
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_patch_conv_gradients_are_bf16_products(shape, kernel_size, native):
+  # bf16 operands: both gradients are the float32 sums of bf16 products with the cotangent
+  # rounded to bf16, each rounded once to bf16, whichever way the forward pass ran.
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=shape), jnp.bfloat16)
+  kernel = jnp.asarray(rng.normal(size=(kernel_size,) * (len(shape) - 2) + (shape[-1], 5)) / 3,
+                       jnp.bfloat16)
+  out, vjp = jax.vjp(lambda x, k: patch_conv(x, k, native), x, kernel)
+  g = jnp.asarray(rng.normal(size=out.shape), jnp.float32)
+  d_x, d_kernel = jax.jit(vjp)(g)
+  assert out.dtype == jnp.float32 and (d_x.dtype, d_kernel.dtype) == (jnp.bfloat16,) * 2
+  # The reference: the float32 convolution of the same bf16 values, cotangent rounded to bf16
+  # (float32 sums of exact products, ~1e-7 from the float64 ones).
+  ref_out, ref_vjp = jax.vjp(lambda x, k: nn.Conv(5, kernel.shape[:-2], padding="SAME",
+                                                  use_bias=False).apply({"params": {"kernel": k}}, x),
+                             x.astype(jnp.float32), kernel.astype(jnp.float32))
+  np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-5)
+  for got, expected in zip((d_x, d_kernel), ref_vjp(g.astype(jnp.bfloat16).astype(jnp.float32))):
+    expected = np.asarray(expected, np.float64)
+    np.testing.assert_allclose(np.asarray(got, np.float64), expected, rtol=2 ** -8,
+                               atol=1e-3 * np.abs(expected).max())
+  # Rounding the cotangent is what makes them bf16 products: the float32 cotangent's differs.
+  exact = np.asarray(ref_vjp(g)[0], np.float64)
+  assert np.abs(exact - np.asarray(ref_vjp(g.astype(jnp.bfloat16).astype(jnp.float32))[0])).max() > 0
+
+
 def test_keep_mask_rate_and_independence():
   mask = lambda key: keep_mask(key, (1000, 1000), 0.9)
   masks = jax.jit(lambda k1, k2: (mask(k1), mask(k1), mask(k2)))
@@ -383,7 +411,8 @@ def test_dense_bf16_rounds_once_after_the_bias():
 
 
 @pytest.mark.parametrize("subscripts,shape_a,shape_b", [
-    ("mk,kn->mn", (12, 8), (8, 6)),                    # every Dense
+    ("mk,kn->mn", (12, 8), (8, 6)),                    # every Dense (cotangent the smaller)
+    ("mk,kn->mn", (12, 4), (4, 8)),                    # every Dense (input the smaller)
     ("bqhd,bkhd->bhqk", (2, 5, 2, 4), (2, 5, 2, 4)),   # attention logits
     ("bhqk,bkhd->bqhd", (2, 2, 5, 5), (2, 5, 2, 4)),   # attention-weighted values
     ("grk,kn->grn", (3, 7, 6), (6, 4)),                # the patch CNN's im2col matmul

@@ -58,6 +58,7 @@ def _low_precision(*operands) -> bool:
   return any(x.dtype != jnp.float32 for x in operands)
 
 
+_DENSE = "mk,kn->mn"  # `dot_f32`'s 2-D product (every Dense).
 _GROUPED = "grk,kn->grn"  # `grouped_matmul_f32`'s product, whose `_einsum_f32` gradient differs.
 
 
@@ -99,10 +100,15 @@ def _einsum_f32_bwd(subscripts, residuals, g):
                       ).astype(like.dtype)
 
   if subscripts == _GROUPED:
-    # b's gradient from one product per group, summed in float32 (see `grouped_matmul_f32`).
-    per_group = jnp.einsum("gurn,gurk->gkn", g[:, None], a[:, None],
-                           preferred_element_type=jnp.float32)
-    return grad(sub_b, b, sub_a, a), per_group.sum(0).astype(b.dtype)
+    return grad(sub_b, b, sub_a, a), grouped_matmul_kernel_grad(a, g).astype(b.dtype)
+  if subscripts == _DENSE and g.size < a.size:
+    # The kernel's gradient a^T g as (g^T a)^T, so that the transposed copy is of the smaller
+    # operand: the patch CNN's projection (a 10368 x 16384, g 10368 x 128), 197 -> 127 ms. The
+    # barrier keeps XLA from folding the transpose into the dot, which it then cannot run (the
+    # DotThunk error above).
+    d_b = jnp.einsum(f"{unit}mn,{unit}mk->nk", g[None], a[None],
+                     preferred_element_type=jnp.float32)
+    return grad(sub_b, b, sub_a, a), lax.optimization_barrier(d_b).T.astype(b.dtype)
   return grad(sub_b, b, sub_a, a), grad(sub_a, a, sub_b, b)
 
 
@@ -128,7 +134,7 @@ def dot_f32(lhs, rhs, dimension_numbers) -> jax.Array:
     contract = math.prod(lhs.shape[lhs.ndim - k:])
     lhs, rhs = lhs.reshape(-1, contract), rhs.reshape(contract, -1)
     if _low_precision(lhs, rhs):
-      out = _einsum_f32("mk,kn->mn", lhs, rhs)
+      out = _einsum_f32(_DENSE, lhs, rhs)
     else:
       out = lax.dot_general(lhs, rhs, (((1,), (0,)), ((), ())),
                             preferred_element_type=jnp.float32)
@@ -147,6 +153,21 @@ def grouped_matmul_f32(x: jax.Array, w: jax.Array) -> jax.Array:
   if _low_precision(x, w):
     return _einsum_f32(_GROUPED, x, w)
   return dot_f32(x, w, (((2,), (0,)), ((), ())))
+
+
+def grouped_matmul_kernel_grad(x: jax.Array, g: jax.Array) -> jax.Array:
+  """The gradient of `grouped_matmul_f32(x, w)` with respect to w for the cotangent g (G, R, N):
+  sum over groups of x_g^T g_g, (K, N) float32, with g rounded to x's dtype first.
+
+  With bf16 operands one product per group, summed in float32 (see `grouped_matmul_f32`).
+  """
+  x, g = matmul_operands(x, g.astype(x.dtype))
+  if _low_precision(x, g):
+    per_group = jnp.einsum("gurn,gurk->gkn", g[:, None], x[:, None],
+                           preferred_element_type=jnp.float32)
+    return per_group.sum(0)
+  return lax.dot_general(x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]),
+                         (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
 
 def dense_f32_acc(x: jax.Array, kernel: jax.Array, bias: jax.Array, dtype: Dtype) -> jax.Array:

@@ -1,5 +1,6 @@
-"""Transparent huge pages for the host's large arrays: the command-line entry points re-execute
-themselves once with glibc's `glibc.malloc.hugetlb=1` tunable (Linux with glibc >= 2.35).
+"""Transparent huge pages for the host's large arrays, kept between steps: the command-line entry
+points re-execute themselves once with glibc's `glibc.malloc.hugetlb=1` tunable and the
+`KEEP_MEMORY` ones (Linux with glibc >= 2.35).
 
 XLA:CPU allocates every large buffer of a step (activations of hundreds of MB) afresh, and glibc
 serves such sizes with mmap: the kernel then faults in and zeroes each 4 KiB page, every step. With
@@ -23,6 +24,20 @@ fresh 2 MiB page) and 0.02 ms without. Measured on 2026-12-02 (alternating fresh
 5.7-7.1 s (6 of 7 pairs). (The 18-22 against 12-17 ms above predate the readers keeping their
 freed memory, `examples.keep_freed_memory`.)
 
+Keeping freed memory (`KEEP_MEMORY`: one malloc arena, never mmap, never trim). With huge pages
+alone, every step of XLA:CPU still mmaps its buffers afresh and unmaps them at the end: the
+small peer-matched bf16 step faulted in 3,700 huge pages (7.4 GB) each time, and on the 2-core
+Firecracker VM of these figures that took 0.25 s of kernel time in one step and 1.1-1.8 s in the
+next (steps alternated 1.7 and 2.7 s; the guest hands freed memory back to the host, which must
+then supply it again). With every buffer carved from one heap that is never trimmed, steps after
+the heap has grown to fit them fault nothing: 1.63 s each (8 steps). Measured on 2026-12-02 with
+the step in fresh processes: each of the three was needed (without `arena_max=1` XLA's threads
+allocate in arenas of their own, which glibc trims; without `mmap_max=0` large blocks are still
+mmapped; with the default trim threshold, 240 faults a step remained). The cost is memory: the
+heap keeps its high-water mark plus fragmentation (small peer-matched step, RSS 3.4 GB at the
+first step and 8.2 GB from the fifth on; seed-size bf16 step, 4.9 and 9.3 GB), and the first few
+steps, which grow it, are the slower for it.
+
 `small_pages()` turns huge pages off for a block that touches much memory once: on the
 Firecracker VM these figures come from, faulting in fresh 2 MiB pages was ~2x slower than 4 KiB
 ones (restoring the seed TrainState: 3.6-4.7 s with them, 2.0-2.6 s without).
@@ -37,6 +52,8 @@ import sys
 import threading
 
 TUNABLE = "glibc.malloc.hugetlb=1"
+KEEP_MEMORY = ("glibc.malloc.arena_max=1", "glibc.malloc.mmap_max=0",
+               f"glibc.malloc.trim_threshold={1 << 40}")
 _THP_MODE = "/sys/kernel/mm/transparent_hugepage/enabled"
 # Set in the re-executed process (and inherited by its children): never re-execute twice.
 _DONE = "ASTRA_HUGEPAGES"
@@ -70,14 +87,17 @@ def wanted() -> bool:
 
 
 def reexec_with_huge_pages():
-  """Replaces this process (same pid, arguments and environment) by one with the tunable set.
+  """Replaces this process (same pid, arguments and environment) by one with the tunable and
+  `KEEP_MEMORY` set (those of `KEEP_MEMORY` that GLIBC_TUNABLES names already keep its value).
 
   Call first thing in a `__main__` block, before importing jax or TensorFlow: the restart then
   costs only the interpreter's start. Returns without doing anything when `wanted()` is False.
   """
   if not wanted():
     return
-  tunables = _tunables(os.environ.get("GLIBC_TUNABLES")) + [TUNABLE]
+  tunables = _tunables(os.environ.get("GLIBC_TUNABLES"))
+  named = {t.split("=")[0] for t in tunables}
+  tunables += [t for t in KEEP_MEMORY if t.split("=")[0] not in named] + [TUNABLE]
   env = dict(os.environ, GLIBC_TUNABLES=":".join(tunables), **{_DONE: "1"})
   sys.stdout.flush()
   sys.stderr.flush()
@@ -90,9 +110,11 @@ def _tunables(value: str | None) -> list[str]:
 
 
 def _without_tunable(value: str | None) -> str | None:
-  """A GLIBC_TUNABLES value without the huge-page tunable; None when no other is left."""
+  """A GLIBC_TUNABLES value without the huge-page tunable (any value) and the `KEEP_MEMORY`
+  entries (these values); None when no other is left."""
   key = TUNABLE.split("=")[0]
-  return ":".join(t for t in _tunables(value) if t.split("=")[0] != key) or None
+  return ":".join(t for t in _tunables(value)
+                  if t.split("=")[0] != key and t not in KEEP_MEMORY) or None
 
 
 def _set_tunables(environ, value: str | None):
@@ -104,8 +126,9 @@ def _set_tunables(environ, value: str | None):
 
 
 def environ_without_tunable(environ=None) -> dict[str, str]:
-  """`environ` (default `os.environ`) as a new dict with glibc's huge-page tunable taken out of
-  GLIBC_TUNABLES: other tunables stay, and the variable goes when none is left."""
+  """`environ` (default `os.environ`) as a new dict with glibc's huge-page tunable and the
+  `KEEP_MEMORY` ones taken out of GLIBC_TUNABLES: other tunables stay, and the variable goes when
+  none is left."""
   env = dict(os.environ if environ is None else environ)
   _set_tunables(env, _without_tunable(env.get("GLIBC_TUNABLES")))
   return env

@@ -442,6 +442,20 @@ def test_bf16_einsum_gradients_are_bf16_products(subscripts, shape_a, shape_b):
   assert np.abs(np.einsum(f"{res},{sub_b}->{sub_a}", g16, f64(b)) - exact).max() > 0
 
 
+@pytest.mark.parametrize("shape_a,shape_b", [((12, 8), (8, 6)), ((3, 4, 5), (5, 7))])
+def test_float32_dot_gradients_match_autodiff(shape_a, shape_b):
+  # float32 Dense products take `_einsum_f32`'s gradient forms too: same values as autodiff's.
+  rng = np.random.default_rng(0)
+  a, b = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in (shape_a, shape_b))
+  dims = (((a.ndim - 1,), (0,)), ((), ()))
+  g = jnp.asarray(rng.normal(size=shape_a[:-1] + shape_b[1:]), jnp.float32)
+  got = jax.jit(jax.vjp(lambda a, b: common.dot_f32(a, b, dims), a, b)[1])(g)
+  expected = jax.vjp(lambda a, b: jax.lax.dot_general(a, b, dims), a, b)[1](g)
+  for x, y in zip(got, expected):
+    assert x.dtype == jnp.float32
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5)
+
+
 def test_bf16_backward_pass_multiplies_bf16_by_bf16(monkeypatch):
   # With bf16 matmul hardware every matmul of the backward pass multiplies two bf16 operands: a
   # float32 cotangent times a bf16 operand is widened to a float32 matmul by XLA:CPU (half the

@@ -158,15 +158,15 @@ def grouped_matmul_kernel_grad(x: jax.Array, g: jax.Array) -> jax.Array:
   """The gradient of `grouped_matmul_f32(x, w)` with respect to w for the cotangent g (G, R, N):
   sum over groups of x_g^T g_g, (K, N) float32, with g rounded to x's dtype first.
 
-  With bf16 operands one product per group, summed in float32 (see `grouped_matmul_f32`).
+  One product per group, summed in float32 (see `grouped_matmul_f32`); in float32 too, where
+  the one product over all G*R rows took 0.50-2.2 s against 0.31-0.32 s per patch (the small
+  peer-matched patch CNN's second convolution at batch 32, 2,654,208 x 96 x 64, on a 2-core
+  Zen 4; whole float32 steps within noise).
   """
   x, g = matmul_operands(x, g.astype(x.dtype))
-  if _low_precision(x, g):
-    per_group = jnp.einsum("gurn,gurk->gkn", g[:, None], x[:, None],
-                           preferred_element_type=jnp.float32)
-    return per_group.sum(0)
-  return lax.dot_general(x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]),
-                         (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+  per_group = jnp.einsum("gurn,gurk->gkn", g[:, None], x[:, None],
+                         preferred_element_type=jnp.float32)
+  return per_group.sum(0)
 
 
 def dense_f32_acc(x: jax.Array, kernel: jax.Array, bias: jax.Array, dtype: Dtype) -> jax.Array:

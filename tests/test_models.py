@@ -182,7 +182,7 @@ def test_patch_cnn_deterministic_local_and_differentiable(embedding):
 
 
 @pytest.mark.parametrize("shape,kernel_size", [((3, 8, 8, 5), 3), ((3, 16, 4), 3),
-                                               ((2, 6, 6, 3), 2), ((2, 7, 4), 5)])
+                                               ((2, 6, 6, 3), 2), ((2, 7, 4), 5), ((2, 2, 3), 7)])
 def test_patch_conv_is_nn_conv(shape, kernel_size):
   # A SAME convolution with nn.Conv's parameters, initialisers, values and gradients (its
   # backward pass is the im2col matmul's, its forward pass the native convolution).

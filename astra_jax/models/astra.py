@@ -82,6 +82,7 @@ def _shift(y: jax.Array, shifts: Sequence[int]) -> jax.Array:
   """y (M, *spatial, C) moved along the spatial axes: out[m, i] = y[m, i - shifts], 0 outside."""
   for axis, s in enumerate(shifts, start=1):
     n = y.shape[axis]
+    s = max(-n, min(n, s))  # A shift by the whole axis or more leaves zeros.
     kept = lax.slice_in_dim(y, max(-s, 0), n - max(s, 0), axis=axis)
     pads = [(0, 0)] * y.ndim
     pads[axis] = (max(s, 0), max(-s, 0))

@@ -415,7 +415,7 @@ def test_dense_bf16_rounds_once_after_the_bias():
     ("mk,kn->mn", (12, 4), (4, 8)),                    # every Dense (input the smaller)
     ("bqhd,bkhd->bhqk", (2, 5, 2, 4), (2, 5, 2, 4)),   # attention logits
     ("bhqk,bkhd->bqhd", (2, 2, 5, 5), (2, 5, 2, 4)),   # attention-weighted values
-    ("grk,kn->grn", (3, 7, 6), (6, 4)),                # the patch CNN's im2col matmul
+    ("grk,kn->grn", (3, 7, 6), (6, 4)),                # a 3-D operand
 ])
 def test_bf16_einsum_gradients_are_bf16_products(subscripts, shape_a, shape_b):
   # The bf16 forward product accumulates in float32; the gradients are the float32 products of

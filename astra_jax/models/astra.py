@@ -21,7 +21,7 @@ from jax import lax
 import numpy as np
 
 from astra_jax.grid import NUM_PIXELS
-from astra_jax.models.common import (Dense, Dtype, canonical_dtype, dot_f32, grouped_matmul_f32,
+from astra_jax.models.common import (Dense, Dtype, canonical_dtype, dot_f32,
                                      grouped_matmul_kernel_grad, matmul_operands)
 from astra_jax.models.transformer import TransformerEncoder
 
@@ -63,9 +63,7 @@ def _im2col_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
   """SAME stride-1 convolution x (M, *spatial, C) * kernel (k, ..., k, C, F) as one matmul,
   accumulated and returned in float32."""
   cols = im2col(x, kernel.shape[0])
-  out = grouped_matmul_f32(cols.reshape(len(x), -1, cols.shape[-1]),
-                           kernel.reshape(-1, kernel.shape[-1]))
-  return out.reshape(cols.shape[:-1] + kernel.shape[-1:])
+  return dot_f32(cols, kernel.reshape(-1, kernel.shape[-1]), (((cols.ndim - 1,), (0,)), ((), ())))
 
 
 def _native_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:

@@ -59,7 +59,6 @@ def _low_precision(*operands) -> bool:
 
 
 _DENSE = "mk,kn->mn"  # `dot_f32`'s 2-D product (every Dense).
-_GROUPED = "grk,kn->grn"  # `grouped_matmul_f32`'s product, whose `_einsum_f32` gradient differs.
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -100,8 +99,6 @@ def _einsum_f32_bwd(subscripts, residuals, g):
     return jnp.einsum(spec, g[None], x[None], preferred_element_type=jnp.float32
                       ).astype(like.dtype)
 
-  if subscripts == _GROUPED:
-    return grad(sub_b, b, sub_a, a), grouped_matmul_kernel_grad(a, g).astype(b.dtype)
   if subscripts == _DENSE and g.size < a.size:
     # The kernel's gradient a^T g as (g^T a)^T, so that the transposed copy is of the smaller
     # operand: the patch CNN's projection (a 10368 x 16384, g 10368 x 128), 197 -> 127 ms. The
@@ -141,27 +138,14 @@ def dot_f32(lhs, rhs, dimension_numbers) -> jax.Array:
   return lax.dot_general(lhs, rhs, dimension_numbers, preferred_element_type=jnp.float32)
 
 
-def grouped_matmul_f32(x: jax.Array, w: jax.Array) -> jax.Array:
-  """x (G, R, K) @ w (K, N) -> (G, R, N) float32: `dot_f32`'s product of G groups of R rows.
-
-  Same values; with bf16 operands w's gradient is summed from one product per group. For a patch
-  CNN's im2col matmul (K = 3 x 32 taps, N = 64 channels, 2592 patches of 256 pixels) XLA:CPU ran
-  the product over all G*R rows at ~30 GFLOP/s, the per-patch ones at ~100 (84 vs 285 ms).
-  """
-  x, w = matmul_operands(x, w)
-  if _low_precision(x, w):
-    return _einsum_f32(_GROUPED, x, w)
-  return dot_f32(x, w, (((2,), (0,)), ((), ())))
-
-
 def grouped_matmul_kernel_grad(x: jax.Array, g: jax.Array) -> jax.Array:
-  """The gradient of `grouped_matmul_f32(x, w)` with respect to w for the cotangent g (G, R, N):
+  """The gradient of x (G, R, K) @ w (K, N) with respect to w for the cotangent g (G, R, N):
   sum over groups of x_g^T g_g, (K, N) float32, with g rounded to x's dtype first.
 
-  One product per group, summed in float32 (see `grouped_matmul_f32`); in float32 too, where
-  the one product over all G*R rows took 0.50-2.2 s against 0.31-0.32 s per patch (the small
-  peer-matched patch CNN's second convolution at batch 32, 2,654,208 x 96 x 64, on a 2-core
-  Zen 4; whole float32 steps within noise).
+  One product per group, summed in float32. For a patch CNN's im2col matmul (K = 3 x 32 taps,
+  N = 64 channels, patches of 256 pixels as the groups) XLA:CPU ran the one product over all
+  G*R rows far slower: in bf16, 2592 patches, 285 ms against 84 ms per patch; in float32, at
+  batch 32 (2,654,208 x 96 x 64, a 2-core Zen 4), 0.50-2.2 s against 0.31-0.32 s.
   """
   x, g = matmul_operands(x, g.astype(x.dtype))
   per_group = jnp.einsum("gurn,gurk->gkn", g[:, None], x[:, None],

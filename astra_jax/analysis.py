@@ -28,6 +28,7 @@ from astra_jax import grid
 from astra_jax import losses
 from astra_jax import train
 from astra_jax.models import astra as astra_model
+from astra_jax.models.common import COMPILER_OPTIONS
 
 #: Quantiles of the CDF that bound the central 68 % interval of a redshift PDF.
 INTERVAL_QUANTILES = (0.16, 0.84)
@@ -157,7 +158,7 @@ def _predict_fn(model: astra_model.Astra, return_attention: bool):
     if return_attention:
       pred["attention"] = jnp.mean(out["attention"], axis=1)
     return pred
-  return jax.jit(fn)
+  return jax.jit(fn, compiler_options=COMPILER_OPTIONS)
 
 
 def predict(model: astra_model.Astra, params, images: np.ndarray, batch_size: int = 64,

@@ -40,6 +40,7 @@ from astra_jax import hugepages
 from astra_jax import losses
 from astra_jax.data import MODEL_KEYS
 from astra_jax.models import astra as astra_model
+from astra_jax.models.common import COMPILER_OPTIONS
 
 DATA_AXIS = "data"
 
@@ -173,7 +174,7 @@ def make_train_step(config, model, tx, mesh: Mesh):
 
   step = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(DATA_AXIS), P()),
                        out_specs=(P(), P()), check_vma=False)
-  return jax.jit(step, donate_argnums=(0,))
+  return jax.jit(step, donate_argnums=(0,), compiler_options=COMPILER_OPTIONS)
 
 
 def make_eval_step(config, model, mesh: Mesh):
@@ -192,7 +193,7 @@ def make_eval_step(config, model, mesh: Mesh):
 
   step = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(DATA_AXIS)),
                        out_specs=(P(), P(DATA_AXIS)), check_vma=False)
-  return jax.jit(step)
+  return jax.jit(step, compiler_options=COMPILER_OPTIONS)
 
 
 def to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

@@ -16,6 +16,7 @@ from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from astra_jax import grid
+from astra_jax import losses
 from astra_jax import train
 from experiments.configs import baseline
 
@@ -371,3 +372,21 @@ def test_train_and_evaluate_end_to_end_and_resume(tmp_path):
     train.train_and_evaluate(config, workdir)
   assert open(os.path.join(workdir, "config.json")).read() == saved
   assert json.loads(saved)["model"]["dim"] == 32 and json.loads(saved)["num_train_steps"] == 6
+
+
+def test_train_step_computes_the_bf16_model_as_written():
+  # The step is compiled with common.COMPILER_OPTIONS: its loss is that of the op-by-op model,
+  # bit for bit (XLA's default let values stay float32 where the model rounds them to bf16).
+  config = tiny_config(dtype="bfloat16", augment=False)
+  mesh = train.create_mesh(jax.devices()[:1])
+  model, tx = train.make_model(config), train.make_optimizer(config)
+  state = train.init_state(config, model, tx, mesh)
+  batch = fake_batch(config)
+  params = jax.device_get(state.params)  # The step donates the state.
+  _, metrics = train.make_train_step(config, model, tx, mesh)(
+      state, train.to_global(batch, mesh), jax.random.key(config.seed))
+  with jax.disable_jit():
+    outputs = model.apply({"params": params}, jnp.asarray(batch["image"]), train=True)
+    loss, _ = losses.total_loss(outputs, batch, z_weight=config.z_loss_weight,
+                                norm_weight=config.norm_loss_weight, z_centers=model.z_centers())
+  assert float(metrics["loss"]) == float(loss)

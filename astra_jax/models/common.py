@@ -33,6 +33,18 @@ from jax import lax
 
 Dtype = Any
 
+# XLA options for every jitted computation of the model (train, eval and predict steps): XLA's
+# default lets it keep values in float32 where the program rounds them to bf16, or move the
+# rounding (`xla_allow_excess_precision`), so the jitted bf16 model was not the one written here
+# (outputs up to 1e-2 from an op-by-op run of the same code; `tests/test_models.py`). Without it
+# the jitted bf16 model rounds exactly where the code does, and it ran faster on a 2-core Zen 4:
+# a seed-size bf16 train step 7.47 and 7.70 -> 7.06 and 6.96 s (two alternating pairs of fresh
+# processes), the small peer-matched patch CNN's forward and backward passes 1.21-1.27 ->
+# 1.09-1.17 s (medians of 16, three pairs): XLA:CPU computes bf16 pads, slices and
+# concatenations in float32, and with excess precision allowed it carried those float32 values
+# into the next fusion instead of writing bf16 ones.
+COMPILER_OPTIONS = {"xla_allow_excess_precision": False}
+
 
 @functools.cache
 def native_bf16_matmul() -> bool:

@@ -2,12 +2,13 @@ r"""Throughput of ASTRA on this machine, side by side with the PyTorch seed peer
 
   python -m experiments.benchmark --torch_python /work/torchvenv/bin/python [--quick]
 
-Everything is measured in one process, one figure after another (absolute times drift with the
+Everything is measured in one run, one figure after another (absolute times drift with the
 machine's load; ratios taken minutes apart drift much less):
   matmul peak    a 4096^2 matmul in float32, and bf16 x bf16 with float32 accumulation both as
                  the native dot and widened to float32 (the MFU denominators), and bf16 -> bf16;
-  train step     `train.make_train_step` on a 1-device mesh with synthetic batches (state donated;
-                 compile and 2 warmup steps excluded, the peer's too; median of N steps), for the
+  train step     `train.make_train_step` on a 1-device mesh with synthetic batches, each config
+                 in a fresh process of its own, as the peer (state donated; compile and 2 warmup
+                 steps excluded, the peer's too; median of N steps), for the
                  `seed` (batch 8) and `small` configs of experiments/configs/baseline.py in float32
                  and bfloat16: the model as configured, and "peer-matched" (the peer's fixed
                  geometry: 288 px, 16-px patches, Conv1d(5->32->64) patch CNN, decoder hidden 2048,
@@ -103,6 +104,12 @@ _STEPS = flags.DEFINE_integer("steps", 0, "Timed train steps; 0: 5, fewer with -
 _RNG_IMPL = flags.DEFINE_string("rng_impl", "", "Dropout RNG; empty: the config's rng_impl.")
 _GALAXIES = flags.DEFINE_integer("galaxies", 384, "Mock galaxies for the data figures.")
 _TMP_DIR = flags.DEFINE_string("tmp_dir", "", "Where mocks and checkpoints go (default: $TMPDIR).")
+_IN_PROCESS = flags.DEFINE_bool(
+    "train_in_process", False, "Time ASTRA's train steps in this process, one config after "
+    "another, instead of each config in a fresh process (as each torch peer runs).")
+_TRAIN_CHILD = flags.DEFINE_string(
+    "train_child", "", "Internal: 'variant,dtype,embedding,steps': time that train step in this "
+    "process and print its timing as one JSON line (what the train section starts).")
 
 FIGURES: list[dict] = []
 
@@ -306,6 +313,32 @@ def time_train_step(config, steps: int) -> dict:
               loss=loss, cpu_share=cpu_share, warmup_s=times[:WARMUP_STEPS])
 
 
+def time_train_step_fresh(variant: str, dtype: str, embedding: str, steps: int) -> dict:
+  """`time_train_step` of one config in a fresh process (this module with --train_child).
+
+  Each torch peer is a fresh process; timed one after another in the benchmark's own process,
+  ASTRA's steps ran on the heap the earlier configs had grown (kept by `hugepages.KEEP_MEMORY`):
+  the small peer-matched bf16 step read 1.88 and 2.13 s at the end of two runs against 1.57-1.71 s
+  in five fresh processes on the same Zen 4 that morning.
+  """
+  cmd = [sys.executable, "-m", "experiments.benchmark",
+         f"--train_child={variant},{dtype},{embedding},{steps}",
+         f"--seed_batch={_SEED_BATCH.value}", f"--rng_impl={_RNG_IMPL.value}"]
+  out = subprocess.run(cmd, capture_output=True, text=True, cwd=_REPO)
+  lines = [l for l in out.stdout.splitlines() if l.startswith("{")]
+  if out.returncode or not lines:
+    raise RuntimeError(f"train step {variant} {dtype} {embedding} failed in its process:\n"
+                       f"{out.stderr[-3000:]}")
+  return json.loads(lines[-1])
+
+
+def train_child(spec: str) -> None:
+  """Prints `time_train_step` of the config that --train_child names, as one JSON line."""
+  variant, dtype, embedding, steps = spec.split(",")
+  print(json.dumps(time_train_step(bench_config(variant, dtype, embedding), int(steps))),
+        flush=True)
+
+
 def run_peer(config, dtype: str, steps: int, timeout: int) -> dict | str:
   """The torch peer's JSON line at the peer-matched settings of `config`, or why it was skipped.
 
@@ -373,7 +406,8 @@ def train_section(peaks: dict[str, float], timeout: int, quick: bool):
         if adjacent:
           peaks[dtype] = max(peaks[dtype], adjacent)
         steps, peer_steps = step_counts(variant, quick)
-        timing = time_train_step(config, steps)
+        timing = (time_train_step(config, steps) if _IN_PROCESS.value else
+                  time_train_step_fresh(variant, dtype, embedding, steps))
         batch = config.batch_size
         flops = train_flops(config)
         samples_s = batch / timing["step_s"]
@@ -771,6 +805,9 @@ def goals() -> list[str]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if _TRAIN_CHILD.value:
+    train_child(_TRAIN_CHILD.value)
+    return
   quick = _QUICK.value
   sections = set(_SECTIONS.value)
   print(f"# {machine()}", flush=True)
@@ -796,7 +833,8 @@ def main(argv):
   self_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
   child_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
   emit("peak RSS (this process)", round(self_rss, 2), "GiB",
-       children_gib=round(child_rss, 2), note="children: the largest torch peer / worker")
+       children_gib=round(child_rss, 2),
+       note="children: the largest train-step process, torch peer or worker")
   print(f"\n## Benchmark ({machine()})\n")
   if any(r["figure"].startswith("train_step") for r in FIGURES):
     print(train_table(FIGURES) + "\n")

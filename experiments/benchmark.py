@@ -319,7 +319,7 @@ def time_train_step_fresh(variant: str, dtype: str, embedding: str, steps: int) 
   Each torch peer is a fresh process; timed one after another in the benchmark's own process,
   ASTRA's steps ran on the heap the earlier configs had grown (kept by `hugepages.KEEP_MEMORY`):
   the small peer-matched bf16 step read 1.88 and 2.13 s at the end of two runs against 1.57-1.71 s
-  in five fresh processes on the same Zen 4 that morning.
+  in six fresh processes on the same Zen 4 that morning.
   """
   cmd = [sys.executable, "-m", "experiments.benchmark",
          f"--train_child={variant},{dtype},{embedding},{steps}",

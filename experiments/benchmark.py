@@ -107,9 +107,6 @@ _TMP_DIR = flags.DEFINE_string("tmp_dir", "", "Where mocks and checkpoints go (d
 _IN_PROCESS = flags.DEFINE_bool(
     "train_in_process", False, "Time ASTRA's train steps in this process, one config after "
     "another, instead of each config in a fresh process (as each torch peer runs).")
-_TRAIN_CHILD = flags.DEFINE_string(
-    "train_child", "", "Internal: 'variant,dtype,embedding,steps': time that train step in this "
-    "process and print its timing as one JSON line (what the train section starts).")
 
 FIGURES: list[dict] = []
 
@@ -313,30 +310,30 @@ def time_train_step(config, steps: int) -> dict:
               loss=loss, cpu_share=cpu_share, warmup_s=times[:WARMUP_STEPS])
 
 
+# `time_train_step` of one config, in a process of its own (argv: variant, dtype, embedding, steps,
+# then this benchmark's flags that `bench_config` reads).
+_TRAIN_STEP_SNIPPET = """
+import json, sys
+from absl import flags
+from experiments import benchmark
+variant, dtype, embedding, steps = sys.argv[1:5]
+flags.FLAGS(["benchmark", *sys.argv[5:]])
+config = benchmark.bench_config(variant, dtype, embedding)
+print(json.dumps(benchmark.time_train_step(config, int(steps))))
+"""
+
+
 def time_train_step_fresh(variant: str, dtype: str, embedding: str, steps: int) -> dict:
-  """`time_train_step` of one config in a fresh process (this module with --train_child).
+  """`time_train_step` of one config in a fresh process (`_TRAIN_STEP_SNIPPET`).
 
   Each torch peer is a fresh process; timed one after another in the benchmark's own process,
   ASTRA's steps ran on the heap the earlier configs had grown (kept by `hugepages.KEEP_MEMORY`):
   the small peer-matched bf16 step read 1.88 and 2.13 s at the end of two runs against 1.57-1.71 s
   in six fresh processes on the same Zen 4 that morning.
   """
-  cmd = [sys.executable, "-m", "experiments.benchmark",
-         f"--train_child={variant},{dtype},{embedding},{steps}",
-         f"--seed_batch={_SEED_BATCH.value}", f"--rng_impl={_RNG_IMPL.value}"]
-  out = subprocess.run(cmd, capture_output=True, text=True, cwd=_REPO)
-  lines = [l for l in out.stdout.splitlines() if l.startswith("{")]
-  if out.returncode or not lines:
-    raise RuntimeError(f"train step {variant} {dtype} {embedding} failed in its process:\n"
-                       f"{out.stderr[-3000:]}")
-  return json.loads(lines[-1])
-
-
-def train_child(spec: str) -> None:
-  """Prints `time_train_step` of the config that --train_child names, as one JSON line."""
-  variant, dtype, embedding, steps = spec.split(",")
-  print(json.dumps(time_train_step(bench_config(variant, dtype, embedding), int(steps))),
-        flush=True)
+  return run_snippet(_TRAIN_STEP_SNIPPET, f"train step {variant} {dtype} {embedding}", variant,
+                     dtype, embedding, str(steps), f"--seed_batch={_SEED_BATCH.value}",
+                     f"--rng_impl={_RNG_IMPL.value}")
 
 
 def run_peer(config, dtype: str, steps: int, timeout: int) -> dict | str:
@@ -805,9 +802,6 @@ def goals() -> list[str]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if _TRAIN_CHILD.value:
-    train_child(_TRAIN_CHILD.value)
-    return
   quick = _QUICK.value
   sections = set(_SECTIONS.value)
   print(f"# {machine()}", flush=True)

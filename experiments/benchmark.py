@@ -8,7 +8,9 @@ machine's load; ratios taken minutes apart drift much less):
                  the native dot and widened to float32 (the MFU denominators), and bf16 -> bf16;
   train step     `train.make_train_step` on a 1-device mesh with synthetic batches, each config
                  in a fresh process of its own, as the peer (state donated; compile and 2 warmup
-                 steps excluded, the peer's too; median of N steps), for the
+                 steps excluded, the peer's too; median of N steps; a peer-matched config is
+                 timed in two such processes, just before and just after its peer, and their
+                 mean taken, which cancels a drift of the machine's speed), for the
                  `seed` (batch 8) and `small` configs of experiments/configs/baseline.py in float32
                  and bfloat16: the model as configured, and "peer-matched" (the peer's fixed
                  geometry: 288 px, 16-px patches, Conv1d(5->32->64) patch CNN, decoder hidden 2048,
@@ -107,6 +109,10 @@ _TMP_DIR = flags.DEFINE_string("tmp_dir", "", "Where mocks and checkpoints go (d
 _IN_PROCESS = flags.DEFINE_bool(
     "train_in_process", False, "Time ASTRA's train steps in this process, one config after "
     "another, instead of each config in a fresh process (as each torch peer runs).")
+
+_BRACKET = flags.DEFINE_bool(
+    "bracket", True, "Time each peer-matched config's ASTRA step before and after its torch peer "
+    "and take the mean of the two (`bracketed`); false: before only.")
 
 FIGURES: list[dict] = []
 
@@ -336,6 +342,21 @@ def time_train_step_fresh(variant: str, dtype: str, embedding: str, steps: int) 
                      f"--rng_impl={_RNG_IMPL.value}")
 
 
+def bracketed(before: dict, after: dict) -> dict:
+  """One `time_train_step` result from two runs of a config, one before and one after its peer:
+  the mean of their median step times (and CPU shares), both kept as `step_s_runs`.
+
+  The ratio to the peer then cancels a drift of the machine's speed that is linear over the
+  three runs. This shared machine's 4096^2 bf16 matmul rate read 216 GFLOP/s just before a seed
+  step and 303 elsewhere in the same run; its torch seed float32 peer took 15.9-24.0 s a step in
+  four runs of one morning.
+  """
+  runs = [before["step_s"], after["step_s"]]
+  return {**before, "step_s": statistics.mean(runs), "step_s_runs": runs,
+          "cpu_share": statistics.mean([before["cpu_share"], after["cpu_share"]]),
+          "warmup_s": before["warmup_s"] + after["warmup_s"]}
+
+
 def run_peer(config, dtype: str, steps: int, timeout: int) -> dict | str:
   """The torch peer's JSON line at the peer-matched settings of `config`, or why it was skipped.
 
@@ -399,16 +420,23 @@ def train_section(peaks: dict[str, float], timeout: int, quick: bool):
     for dtype in _DTYPES.value:
       for embedding in embeddings:
         config = bench_config(variant, dtype, embedding)
-        adjacent = matmul_peak(reps=3, dtypes=(dtype,), quiet=True)[dtype] if peaks else None
-        if adjacent:
-          peaks[dtype] = max(peaks[dtype], adjacent)
-        steps, peer_steps = step_counts(variant, quick)
-        timing = (time_train_step(config, steps) if _IN_PROCESS.value else
+
+        def adjacent_peak():  # The matmul rate just before a step, for the MFU denominator.
+          rate = matmul_peak(reps=3, dtypes=(dtype,), quiet=True)[dtype] if peaks else None
+          if rate:
+            peaks[dtype] = max(peaks[dtype], rate)
+          return rate
+
+        def time_astra():
+          return (time_train_step(config, steps) if _IN_PROCESS.value else
                   time_train_step_fresh(variant, dtype, embedding, steps))
+
+        steps, peer_steps = step_counts(variant, quick)
+        adjacent = adjacent_peak()
+        timing = time_astra()
+        adjacent_after = None
         batch = config.batch_size
         flops = train_flops(config)
-        samples_s = batch / timing["step_s"]
-        gflops_s = samples_s * flops / 1e9
         vs_torch = peer_samples = None
         timed_out = {}
         model = ("peer-matched conv1d" if embedding == "peer" else
@@ -424,8 +452,10 @@ def train_section(peaks: dict[str, float], timeout: int, quick: bool):
                  note=f"timed out after {peer['timeout_s']} s, its start-up and "
                       f"{WARMUP_STEPS} warmup steps included: no rate (raise --torch_timeout)")
           else:
+            if _BRACKET.value:
+              adjacent_after = adjacent_peak()
+              timing = bracketed(timing, time_astra())
             peer_samples = peer["samples_per_s"]
-            vs_torch = round(samples_s / peer_samples, 3)
             peer_flops = train_flops(config, summary_only=False)
             detail = dict(batch=batch, gflop_per_s=round(peer_samples * peer_flops / 1e9, 1),
                           gflop_per_sample=round(peer_flops / 1e9, 2))
@@ -433,9 +463,18 @@ def train_section(peaks: dict[str, float], timeout: int, quick: bool):
                           threads=peer["threads"], loss=round(peer["loss"], 4),
                           cpu_share=round(peer["cpu_share"], 2))
             emit(f"torch_peer {variant} {dtype}", round(peer_samples, 4), "samples/s", **detail)
+        samples_s = batch / timing["step_s"]
+        gflops_s = samples_s * flops / 1e9
+        if peer_samples:
+          vs_torch = round(samples_s / peer_samples, 3)
+        runs = {}
+        if "step_s_runs" in timing:
+          runs = dict(step_s_runs=[round(t, 3) for t in timing["step_s_runs"]],
+                      adjacent_peak_after_peer_gflop_s=(round(adjacent_after, 1)
+                                                        if adjacent_after else None))
         xla = timing["xla_flops"] / batch
         rows.append((dtype, gflops_s, name, round(samples_s, 3), vs_torch, dict(
-            batch=batch, step_s=round(timing["step_s"], 3),
+            batch=batch, step_s=round(timing["step_s"], 3), **runs,
             compile_s=round(timing["compile_s"], 1),
             warmup_s=[round(w, 1) for w in timing["warmup_s"]], gflop_per_s=round(gflops_s, 1),
             adjacent_peak_gflop_s=round(adjacent, 1) if adjacent else None,

@@ -45,3 +45,20 @@ def test_the_peer_counts_the_whole_last_block():
   # (2 FLOPs per MAC) and backward (twice that).
   per_token = 2 * (d * d + 2 * tokens * d + d * d + 2 * d * m.mlp_ratio * d)
   assert full - summary_only == 3 * (tokens - 1) * per_token
+
+
+def test_matmul_peaks_are_the_fastest_shape_and_way():
+  benchmark.FIGURES.clear()
+  peaks = benchmark.matmul_peak(n=256, reps=1)
+  rates = {r["figure"]: r["value"] for r in benchmark.FIGURES}
+  assert set(rates) == {"matmul 256^2 float32", "matmul 256^2 bf16_f32acc",
+                        "matmul 256^2 bf16_widened", "matmul 256^2 bf16_bf16out",
+                        "matmul 256x64x256 float32", "matmul 256x64x256 bf16_f32acc"}
+  float32 = [v for k, v in rates.items() if k.endswith(" float32")]
+  assert peaks["float32"] == pytest.approx(max(float32), abs=0.05)
+  accumulating = [v for k, v in rates.items() if not k.endswith("bf16_bf16out")]
+  assert peaks["bfloat16"] == pytest.approx(max(accumulating), abs=0.05)
+  # Only the ways a denominator needs, and nothing printed, when quiet.
+  benchmark.FIGURES.clear()
+  assert set(benchmark.matmul_peak(n=256, reps=1, dtypes=("float32",), quiet=True)) == {"float32"}
+  assert not benchmark.FIGURES

@@ -47,7 +47,8 @@ tables and the goals. --quick: 2 timed seed steps and 5 of each small config (th
 two-worker prepare rate is the difference of two runs of a few seconds: with 192 it read 29,
 47 and 70 galaxies/s/core in three runs, with 384 45 and 51, and a single slow run of the
 first half once made it 69.7: hence the fastest of repeated runs). About 15 minutes on 2 AVX2
-cores (a seed step of batch 8 takes ~16-21 s there), about 5 without the peer.
+cores (a seed step of batch 8 takes ~16-21 s there), 17-18 on a 2-core Zen 4 (each peer-matched
+config timed twice, around its peer), about 5 without the peer.
 """
 
 if __name__ == "__main__":  # First, before jax and TensorFlow load: see astra_jax.hugepages.

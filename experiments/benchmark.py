@@ -193,14 +193,15 @@ def matmul_peak(n: int = 4096, reps: int = 5, dtypes=("float32", "bfloat16"),
           "bfloat16": ["float32", "bf16_f32acc", "bf16_widened", "bf16_bf16out"]}
   names = list(dict.fromkeys(name for dtype in dtypes for name in ways[dtype]
                              if not (quiet and name == "bf16_bf16out")))  # Quiet: denominators.
+  shapes = {(n, n): names, (n, n // 4): [w for w in names if w in ("float32", "bf16_f32acc")]}
   peaks = {}
-  for m, k in ((n, n), (n, n // 4)):
+  for (m, k), shape_names in shapes.items():
     a = jax.random.normal(jax.random.key(0), (m, k), jnp.float32)
     b = jax.random.normal(jax.random.key(1), (k, m), jnp.float32)
-    for name in names:
-      if k != n and name not in ("float32", "bf16_f32acc"):
-        continue
-      x, y = (a, b) if name == "float32" else (a.astype(jnp.bfloat16), b.astype(jnp.bfloat16))
+    operands = {jnp.float32: (a, b), jnp.bfloat16: (a.astype(jnp.bfloat16),
+                                                     b.astype(jnp.bfloat16))}
+    for name in shape_names:
+      x, y = operands[jnp.float32 if name == "float32" else jnp.bfloat16]
       seconds = median_time(lambda: fns[name](x, y).block_until_ready(), reps)
       rate = 2 * m * k * m / seconds / 1e9
       peaks[name] = max(peaks.get(name, 0.0), rate)

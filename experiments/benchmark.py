@@ -42,7 +42,7 @@ Like every entry point it restarts itself with glibc's transparent huge pages
 inherits that setting: both frameworks run in the same environment. The prepare processes start
 without it, as prepare's command line runs.
 Prints one JSON line per figure ({"figure", "value", "unit", "vs_torch", ...}), then markdown
-tables and the goals. --quick: 2 timed seed steps and 5 of each small config (the peer: 1 and
+tables and the goals. --quick: 2 timed seed steps and 5 of each small config (the peer: 2 and
 3, 150 s at most), the seed config peer-matched only; the same 384 mock galaxies (the steady
 two-worker prepare rate is the difference of two runs of a few seconds: with 192 it read 29,
 47 and 70 galaxies/s/core in three runs, with 384 45 and 51, and a single slow run of the
@@ -408,13 +408,15 @@ def step_counts(variant: str, quick: bool) -> tuple[int, int]:
 
   --quick times the small configs' steps (~0.5-6 s) 5 times, the peer's 3: with 2, one step
   slowed by the shared machine made the median (one run: small peer-matched float32 5.9 and
-  3.6 s in warmup, then 6.2 s timed, 0.75x the peer against 1.16-1.77x in six other runs).
+  3.6 s in warmup, then 6.2 s timed, 0.75x the peer against 1.16-1.77x in six other runs). The
+  seed steps (~6-20 s) 2 times each, the peer's too: with 1 peer step a seed ratio rested on a
+  single step of the peer's.
   """
   if _STEPS.value:
-    return _STEPS.value, 1 if quick and variant == "seed" else _STEPS.value
+    return _STEPS.value, _STEPS.value
   if not quick:
     return 5, 5
-  return (2, 1) if variant == "seed" else (5, 3)
+  return (2, 2) if variant == "seed" else (5, 3)
 
 
 def train_section(peaks: dict[str, float], timeout: int, quick: bool):

@@ -1,5 +1,7 @@
 """The benchmark's own arithmetic: analytic FLOPs against XLA's count, and the bracketed timing."""
 
+import types
+
 import pytest
 
 from experiments import benchmark
@@ -19,6 +21,15 @@ def test_bracketed_timing_is_the_mean_of_the_runs_before_and_after_the_peer():
   # What only one run can say comes from the first (its compile, loss and FLOP count).
   assert (both["compile_s"], both["loss"], both["xla_flops"]) == (17.0, 3.1, 2.0e12)
   assert before["step_s"] == 8.0  # The inputs are left as they were.
+
+
+def test_every_ratio_rests_on_at_least_two_peer_steps(monkeypatch):
+  monkeypatch.setattr(benchmark, "_STEPS", types.SimpleNamespace(value=0))
+  assert benchmark.step_counts("seed", quick=True) == (2, 2)
+  assert benchmark.step_counts("small", quick=True) == (5, 3)
+  assert benchmark.step_counts("seed", quick=False) == (5, 5)
+  monkeypatch.setattr(benchmark, "_STEPS", types.SimpleNamespace(value=4))
+  assert benchmark.step_counts("seed", quick=True) == (4, 4)
 
 
 @pytest.mark.parametrize("embedding", ["conv2d", "conv1d", "linear"])

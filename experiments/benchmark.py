@@ -433,6 +433,7 @@ def train_section(peaks: dict[str, float], timeout: int, quick: bool):
     for dtype in _DTYPES.value:
       for embedding in embeddings:
         config = bench_config(variant, dtype, embedding)
+        steps, peer_steps = step_counts(variant, quick)
 
         def adjacent_peak():  # The matmul rate just before a step, for the MFU denominator.
           rate = matmul_peak(reps=3, dtypes=(dtype,), quiet=True)[dtype] if peaks else None
@@ -444,7 +445,6 @@ def train_section(peaks: dict[str, float], timeout: int, quick: bool):
           return (time_train_step(config, steps) if _IN_PROCESS.value else
                   time_train_step_fresh(variant, dtype, embedding, steps))
 
-        steps, peer_steps = step_counts(variant, quick)
         adjacent = adjacent_peak()
         timing = time_astra()
         adjacent_after = None

@@ -1,4 +1,5 @@
-"""The benchmark's own arithmetic: analytic FLOPs against XLA's count, and the bracketed timing."""
+"""The benchmark's own arithmetic: analytic FLOPs against XLA's count, the bracketed timing, the
+step counts and the matmul peaks."""
 
 import types
 
@@ -23,7 +24,7 @@ def test_bracketed_timing_is_the_mean_of_the_runs_before_and_after_the_peer():
   assert before["step_s"] == 8.0  # The inputs are left as they were.
 
 
-def test_every_ratio_rests_on_at_least_two_peer_steps(monkeypatch):
+def test_quick_times_the_seed_peer_as_often_as_astra(monkeypatch):
   monkeypatch.setattr(benchmark, "_STEPS", types.SimpleNamespace(value=0))
   assert benchmark.step_counts("seed", quick=True) == (2, 2)
   assert benchmark.step_counts("small", quick=True) == (5, 3)

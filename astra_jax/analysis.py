@@ -19,16 +19,16 @@ from typing import Any, Iterable
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
 from astra_jax import grid
 from astra_jax import losses
+from astra_jax import sharding
 from astra_jax import train
 from astra_jax.models import astra as astra_model
-from astra_jax.models.common import COMPILER_OPTIONS
 
 #: Quantiles of the CDF that bound the central 68 % interval of a redshift PDF.
 INTERVAL_QUANTILES = (0.16, 0.84)
@@ -61,7 +61,7 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 
 def local_mesh() -> Mesh:
   """A 1-D `'data'` mesh over this process's devices."""
-  return train.create_mesh(jax.local_devices())
+  return sharding.create_mesh(jax.local_devices())
 
 
 def _manager(directory: str, best: bool) -> ocp.CheckpointManager:
@@ -158,7 +158,7 @@ def _predict_fn(model: astra_model.Astra, return_attention: bool):
     if return_attention:
       pred["attention"] = jnp.mean(out["attention"], axis=1)
     return pred
-  return jax.jit(fn, compiler_options=COMPILER_OPTIONS)
+  return jax.jit(fn)
 
 
 def predict(model: astra_model.Astra, params, images: np.ndarray, batch_size: int = 64,
@@ -182,7 +182,7 @@ def predict(model: astra_model.Astra, params, images: np.ndarray, batch_size: in
   n = len(images)
   mesh = local_mesh()
   ndev = mesh.size
-  params = jax.device_put(params, NamedSharding(mesh, P()))
+  params = jax.device_put(params, sharding.replicated(mesh))
   batch = min(-(-batch_size // ndev), -(-max(n, 1) // ndev)) * ndev
   fn = _predict_fn(model, return_attention)
   parts: dict[str, list[np.ndarray]] = {}
@@ -191,7 +191,7 @@ def predict(model: astra_model.Astra, params, images: np.ndarray, batch_size: in
     real = len(chunk)
     # One shape for every full batch (one compilation); padding galaxies are zeros, dropped below.
     chunk = np.concatenate([chunk, np.zeros((batch - real, *images.shape[1:]), images.dtype)])
-    out = fn(params, jax.device_put(chunk, NamedSharding(mesh, P(train.DATA_AXIS))))
+    out = fn(params, jax.device_put(chunk, sharding.batch_sharding(mesh)))
     for k, v in jax.device_get(out).items():
       parts.setdefault(k, []).append(np.asarray(v)[:real])
   if not parts:

@@ -17,6 +17,7 @@ import numpy as np
 
 from astra_jax import grid
 from astra_jax import losses
+from astra_jax import sharding
 from astra_jax.data import MODEL_KEYS
 from astra_jax.models import astra as astra_model
 
@@ -152,12 +153,11 @@ def collect_predictions(eval_step, params, batches: Iterable[dict], mesh, model
   (N,), pred_flux (N, 4000) in 1e-17 erg/s/cm^2/A, z_pdf (N, B), z_mean, z_mode (N,); and
   specobj_id when the batches carry it.
   """
-  from astra_jax import train  # pylint: disable=g-import-not-at-top
   centers = np.asarray(model.z_centers())
   parts: dict[str, list[np.ndarray]] = {}
   for batch in batches:
     host_only = {k: batch[k] for k in batch if k not in MODEL_KEYS}
-    device_batch = train.to_global({k: batch[k] for k in MODEL_KEYS}, mesh)
+    device_batch = sharding.to_global({k: batch[k] for k in MODEL_KEYS}, mesh)
     _, outputs = eval_step(params, device_batch)
     got = _gather({**device_batch, **outputs})
     if jax.process_count() > 1:

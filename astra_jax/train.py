@@ -39,10 +39,9 @@ from astra_jax import augment
 from astra_jax import hugepages
 from astra_jax import losses
 from astra_jax.data import MODEL_KEYS
+from astra_jax.sharding import DATA_AXIS, create_mesh, to_global
 from astra_jax.models import astra as astra_model
-from astra_jax.models.common import COMPILER_OPTIONS
 
-DATA_AXIS = "data"
 
 
 @flax.struct.dataclass
@@ -54,12 +53,6 @@ class TrainState:
 
 
 # ---------------------------------------------------------------- construction
-
-
-def create_mesh(devices=None) -> Mesh:
-  """A 1-D `'data'` mesh over all devices of all processes (Auto axis type, as pmap had)."""
-  devices = jax.devices() if devices is None else devices
-  return Mesh(np.asarray(devices), (DATA_AXIS,))
 
 
 def make_model(config: ml_collections.ConfigDict) -> astra_model.Astra:
@@ -174,7 +167,7 @@ def make_train_step(config, model, tx, mesh: Mesh):
 
   step = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(DATA_AXIS), P()),
                        out_specs=(P(), P()), check_vma=False)
-  return jax.jit(step, donate_argnums=(0,), compiler_options=COMPILER_OPTIONS)
+  return jax.jit(step, donate_argnums=(0,))
 
 
 def make_eval_step(config, model, mesh: Mesh):
@@ -193,13 +186,7 @@ def make_eval_step(config, model, mesh: Mesh):
 
   step = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(DATA_AXIS)),
                        out_specs=(P(), P(DATA_AXIS)), check_vma=False)
-  return jax.jit(step, compiler_options=COMPILER_OPTIONS)
-
-
-def to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-  """This host's slice of the batch -> global arrays sharded along `'data'`."""
-  sharding = NamedSharding(mesh, P(DATA_AXIS))
-  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+  return jax.jit(step)
 
 
 # ---------------------------------------------------------------- checkpoints

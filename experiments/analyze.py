@@ -8,10 +8,6 @@ redshifts and their PDF, predicted and true spectra; see `astra_jax.analysis.wri
 spectra.png, redshift.png, loss.png and attention.png.
 """
 
-if __name__ == "__main__":  # First, before jax and TensorFlow load: see astra_jax.hugepages.
-  from astra_jax import hugepages  # pylint: disable=g-import-not-at-top
-  hugepages.reexec_with_huge_pages()
-
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

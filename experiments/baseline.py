@@ -6,10 +6,6 @@ r"""Train ASTRA: `python -m experiments.baseline [--workdir runs/baseline] [--co
 Rerunning the same command resumes from the workdir's latest checkpoint.
 """
 
-if __name__ == "__main__":  # First, before jax and TensorFlow load: see astra_jax.hugepages.
-  from astra_jax import hugepages  # pylint: disable=g-import-not-at-top
-  hugepages.reexec_with_huge_pages()
-
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

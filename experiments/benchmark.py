@@ -79,6 +79,7 @@ import orbax.checkpoint as ocp
 
 from astra_jax import grid
 from astra_jax import hugepages
+from astra_jax import sharding
 from astra_jax import train
 from astra_jax.data import fits_io
 from experiments.configs import baseline
@@ -301,11 +302,11 @@ WARMUP_STEPS = 2
 
 def time_train_step(config, steps: int) -> dict:
   """Median step seconds of the real train step, plus XLA's FLOP count of the compiled step."""
-  mesh = train.create_mesh(jax.devices()[:1])
+  mesh = sharding.create_mesh(jax.devices()[:1])
   model, tx = train.make_model(config), train.make_optimizer(config)
   state = train.init_state(config, model, tx, mesh)
   step = train.make_train_step(config, model, tx, mesh)
-  batches = [train.to_global(synthetic_batch(config, s), mesh) for s in range(2)]
+  batches = [sharding.to_global(synthetic_batch(config, s), mesh) for s in range(2)]
   rng = jax.random.key(config.seed, impl=config.rng_impl)
   t = time.perf_counter()
   compiled = step.lower(state, batches[0], rng).compile()
@@ -516,11 +517,11 @@ _SAVE_SNIPPET = """
 import json, os, sys, time
 import jax, jax.numpy as jnp
 import orbax.checkpoint as ocp
-from astra_jax import train
+from astra_jax import sharding, train
 from experiments.configs import baseline
 workdir = sys.argv[1]
 config = baseline.get_config("seed")
-mesh = train.create_mesh(jax.devices()[:1])
+mesh = sharding.create_mesh(jax.devices()[:1])
 model, tx = train.make_model(config), train.make_optimizer(config)
 state = train.init_state(config, model, tx, mesh)
 # A fresh state's Adam moments are zeros, which TensorStore does not write: noise makes the
@@ -555,11 +556,11 @@ print(json.dumps(out))
 _RESTORE_SNIPPET = """
 import json, sys, time
 import jax
-from astra_jax import analysis, train
+from astra_jax import analysis, sharding, train
 workdir, what = sys.argv[1], sys.argv[2]
 config = analysis.load_config(workdir)
 model, tx = train.make_model(config), train.make_optimizer(config)
-mesh = train.create_mesh(jax.devices()[:1])
+mesh = sharding.create_mesh(jax.devices()[:1])
 latest, _ = train.checkpoint_managers(workdir, config)
 t = time.perf_counter()
 if what == "state":
@@ -729,7 +730,7 @@ def predict_section(tmp: str, raw: str, num_galaxies: int, variant: str = "small
   config = baseline.get_config(variant)
   workdir = os.path.join(tmp, f"predict-{variant}")
   os.makedirs(workdir, exist_ok=True)
-  mesh = train.create_mesh(jax.devices())
+  mesh = sharding.create_mesh(jax.devices())
   model, tx = train.make_model(config), train.make_optimizer(config)
   train.write_config(config, workdir)
   latest, _ = train.checkpoint_managers(workdir, config)

@@ -11,10 +11,6 @@ column) the redshift sigma_MAD, outlier fraction and bias are printed. The last 
 the summary as one JSON object.
 """
 
-if __name__ == "__main__":  # First, before jax and TensorFlow load: see astra_jax.hugepages.
-  from astra_jax import hugepages  # pylint: disable=g-import-not-at-top
-  hugepages.reexec_with_huge_pages()
-
 import json
 import os
 

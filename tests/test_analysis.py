@@ -19,6 +19,7 @@ import pytest
 from astra_jax import analysis
 from astra_jax import evaluate
 from astra_jax import grid
+from astra_jax import sharding
 from astra_jax import train
 from astra_jax.data import pipeline
 from experiments import analyze
@@ -57,7 +58,7 @@ def run(tiny_dataset, tmp_path_factory):
   train.validate_config(config)
   workdir = str(tmp_path_factory.mktemp("analysis_run"))
   train.write_config(config, workdir)
-  mesh = train.create_mesh()
+  mesh = sharding.create_mesh()
   model, tx = train.make_model(config), train.make_optimizer(config)
   abstract = train.abstract_state(config, model, tx, mesh)
   latest, best = train.checkpoint_managers(workdir, config)
@@ -142,7 +143,7 @@ def test_restore_errors_name_the_workdir(run, tmp_path):
 def test_predict_matches_collect_predictions(run, test_split):
   workdir, config, _ = run
   _, model, params = analysis.restore(workdir)
-  mesh = train.create_mesh()
+  mesh = sharding.create_mesh()
   want = evaluate.collect_predictions(train.make_eval_step(config, model, mesh), params,
                                       test_split, mesh, model)
   images = test_split[0]["image"][test_split[0]["mask"]]

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from astra_jax import augment
+from astra_jax import sharding
 from astra_jax import train
 from experiments.configs import baseline
 
@@ -46,7 +47,7 @@ def test_train_step_augments_only_when_configured():
     config = baseline.get_config("tiny")
     config.model.dropout = 0.0
     config.augment = augmented
-    mesh = train.create_mesh(jax.devices()[:1])
+    mesh = sharding.create_mesh(jax.devices()[:1])
     model, tx = train.make_model(config), train.make_optimizer(config)
     state = train.init_state(config, model, tx, mesh)
     rng = np.random.default_rng(0)
@@ -55,7 +56,7 @@ def test_train_step_augments_only_when_configured():
              "flux": np.ones((b, 4000), np.float32), "weight": np.ones((b, 4000), np.float32),
              "z": np.full(b, 0.1, np.float32), "has_z": np.ones(b, bool)}
     step = train.make_train_step(config, model, tx, mesh)
-    _, metrics = step(state, train.to_global(batch, mesh), jax.random.key(0))
+    _, metrics = step(state, sharding.to_global(batch, mesh), jax.random.key(0))
     return float(metrics["loss"])
 
   assert loss(True) != loss(False)

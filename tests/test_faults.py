@@ -13,6 +13,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from astra_jax import sharding
 from astra_jax import train
 from astra_jax.data import pipeline
 from experiments.configs import baseline
@@ -52,7 +53,7 @@ def interrupt_at(proc, workdir, step, signum, timeout=300):
 
 def final_params(workdir):
   config = baseline.get_config("tiny")
-  mesh = train.create_mesh()
+  mesh = sharding.create_mesh()
   model, tx = train.make_model(config), train.make_optimizer(config)
   latest, _ = train.checkpoint_managers(workdir, config)
   assert latest.latest_step() == STEPS

@@ -11,6 +11,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from astra_jax import sharding
 from astra_jax import train
 from experiments.configs import baseline
 
@@ -46,7 +47,7 @@ def run(workdir, dataset_dir, steps, num_processes, log_path):
 
 def params_at(workdir, step):
   config = baseline.get_config("tiny")
-  mesh = train.create_mesh()
+  mesh = sharding.create_mesh()
   model, tx = train.make_model(config), train.make_optimizer(config)
   latest, _ = train.checkpoint_managers(workdir, config)
   state = latest.restore(step, args=ocp.args.StandardRestore(

@@ -5,6 +5,7 @@ import jax
 import numpy as np
 import pytest
 
+from astra_jax import sharding
 from astra_jax import train
 from astra_jax.data import MODEL_KEYS
 from astra_jax.data import pipeline
@@ -15,14 +16,14 @@ NUM_STEPS = 15
 
 def _losses(config, batches) -> np.ndarray:
   """Per-step losses of `train.make_train_step` on one device from the config's initial state."""
-  mesh = train.create_mesh(jax.devices()[:1])
+  mesh = sharding.create_mesh(jax.devices()[:1])
   model, tx = train.make_model(config), train.make_optimizer(config)
   state = train.init_state(config, model, tx, mesh)
   step = train.make_train_step(config, model, tx, mesh)
   rng = jax.random.key(config.seed, impl=config.rng_impl)
   losses = []
   for batch in batches:
-    state, metrics = step(state, train.to_global(batch, mesh), rng)
+    state, metrics = step(state, sharding.to_global(batch, mesh), rng)
     losses.append(metrics["loss"])
   return np.asarray(jax.device_get(losses), np.float64)
 

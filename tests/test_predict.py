@@ -22,6 +22,7 @@ from astra_jax import analysis
 from astra_jax import evaluate
 from astra_jax import grid
 from astra_jax import predict
+from astra_jax import sharding
 from astra_jax import train
 from astra_jax.data import fits_io
 from astra_jax.data import pipeline
@@ -50,7 +51,7 @@ def workdir(tiny_dataset, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("predict_run"))
   train.write_config(config, workdir)
   model, tx = train.make_model(config), train.make_optimizer(config)
-  abstract = train.abstract_state(config, model, tx, train.create_mesh())
+  abstract = train.abstract_state(config, model, tx, sharding.create_mesh())
   state = train.TrainState(
       step=np.int32(1), params=host_params(abstract.params, 1),
       opt_state=jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), abstract.opt_state))

@@ -17,6 +17,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from astra_jax import grid
 from astra_jax import losses
+from astra_jax import sharding
 from astra_jax import train
 from experiments.configs import baseline
 
@@ -49,7 +50,7 @@ def fake_batch(config, seed=0):
 
 
 def run_steps(config, devices, batches, tx=None):
-  mesh = train.create_mesh(devices)
+  mesh = sharding.create_mesh(devices)
   model = train.make_model(config)
   tx = tx or train.make_optimizer(config)
   state = train.init_state(config, model, tx, mesh)
@@ -57,7 +58,7 @@ def run_steps(config, devices, batches, tx=None):
   rng = jax.random.key(config.seed)
   metrics = []
   for batch in batches:
-    state, m = step(state, train.to_global(batch, mesh), rng)
+    state, m = step(state, sharding.to_global(batch, mesh), rng)
     metrics.append(jax.device_get(m))
   return jax.device_get(state), metrics, step
 
@@ -83,7 +84,7 @@ def test_four_devices_equal_one_device():
 
   # And the update really moved the parameters (the comparison above is not vacuous).
   init = train.init_state(config, train.make_model(config), train.make_optimizer(config),
-                          train.create_mesh(jax.devices()[:1]))
+                          sharding.create_mesh(jax.devices()[:1]))
   moved = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))),
                        init.params, state4.params)
   assert max(jax.tree.leaves(moved)) > 1e-4
@@ -100,14 +101,14 @@ def test_step_compiles_once_and_loss_falls():
 
 def test_non_finite_batch_does_not_touch_the_parameters():
   config = tiny_config()
-  mesh = train.create_mesh()
+  mesh = sharding.create_mesh()
   model, tx = train.make_model(config), train.make_optimizer(config)
   state = train.init_state(config, model, tx, mesh)
   before = jax.device_get(state)
   batch = fake_batch(config)
   batch["image"][2, 0, 0, 0] = np.nan
   state, metrics = train.make_train_step(config, model, tx, mesh)(
-      state, train.to_global(batch, mesh), jax.random.key(0))
+      state, sharding.to_global(batch, mesh), jax.random.key(0))
   assert float(metrics["finite"]) == 0.0
   assert int(state.step) == 0
   jax.tree.map(np.testing.assert_array_equal, before.params, jax.device_get(state.params))
@@ -132,11 +133,11 @@ def test_checkpoint_restores_identically_in_a_fresh_process(tmp_path):
   np.savez(tmp_path / "expected.npz", *[np.asarray(x) for x in jax.tree.leaves(state)])
   script = textwrap.dedent(f"""
       import jax, numpy as np
-      from astra_jax import train
+      from astra_jax import sharding, train
       from experiments.configs import baseline
       config = baseline.get_config("tiny")
       config.model.dropout = 0.0
-      mesh = train.create_mesh()
+      mesh = sharding.create_mesh()
       model, tx = train.make_model(config), train.make_optimizer(config)
       latest, _ = train.checkpoint_managers({str(tmp_path)!r}, config)
       state = train.restore_or_init(latest, config, model, tx, mesh)
@@ -153,7 +154,7 @@ def test_checkpoint_restores_identically_in_a_fresh_process(tmp_path):
 
 def test_checkpoints_are_uncompressed_zarr_and_orbax_default_ones_still_restore(tmp_path):
   config = tiny_config()
-  mesh = train.create_mesh()
+  mesh = sharding.create_mesh()
   model, tx = train.make_model(config), train.make_optimizer(config)
   state = train.init_state(config, model, tx, mesh)
   state = state.replace(params=jax.tree.map(lambda p: p + 0.5, state.params))
@@ -189,7 +190,7 @@ def test_direct_read_equals_orbax_restore_and_trains_on(tmp_path):
   config = tiny_config(adam_mu_dtype="bfloat16")  # bfloat16 arrays are read directly too.
   batches = [fake_batch(config, seed) for seed in range(2)]
   state, _, step = run_steps(config, jax.devices(), batches[:1])
-  mesh = train.create_mesh()
+  mesh = sharding.create_mesh()
   model, tx = train.make_model(config), train.make_optimizer(config)
   latest, _ = train.checkpoint_managers(str(tmp_path), config)
   # One all-zero array: TensorStore writes no chunk file for it.
@@ -224,9 +225,9 @@ def test_direct_read_equals_orbax_restore_and_trains_on(tmp_path):
 
   # The donated step runs from the directly read state exactly as from the one in memory.
   rng = jax.random.key(config.seed)
-  after_direct, _ = step(direct, train.to_global(batches[1], mesh), rng)
+  after_direct, _ = step(direct, sharding.to_global(batches[1], mesh), rng)
   after_memory, _ = step(jax.device_put(state, NamedSharding(mesh, P())),
-                         train.to_global(batches[1], mesh), rng)
+                         sharding.to_global(batches[1], mesh), rng)
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(after_direct),
                jax.device_get(after_memory))
   # XLA owns the read buffers, so the step updates the state in them (memory that XLA:CPU only
@@ -237,7 +238,7 @@ def test_direct_read_equals_orbax_restore_and_trains_on(tmp_path):
 
 def test_checkpoint_of_another_model_is_refused_naming_the_arrays(tmp_path):
   config = tiny_config()
-  mesh = train.create_mesh()
+  mesh = sharding.create_mesh()
   model, tx = train.make_model(config), train.make_optimizer(config)
   state = train.init_state(config, model, tx, mesh)
   latest, _ = train.checkpoint_managers(str(tmp_path / "new"), config)
@@ -290,7 +291,7 @@ def test_checkpoint_of_another_model_is_refused_naming_the_arrays(tmp_path):
 
 def test_damaged_checkpoint_is_refused_naming_the_file(tmp_path):
   config = tiny_config()
-  mesh = train.create_mesh()
+  mesh = sharding.create_mesh()
   model, tx = train.make_model(config), train.make_optimizer(config)
   state = train.init_state(config, model, tx, mesh)
   latest, _ = train.checkpoint_managers(str(tmp_path), config)
@@ -378,13 +379,13 @@ def test_train_step_computes_the_bf16_model_as_written():
   # The step is compiled with common.COMPILER_OPTIONS: its loss is that of the op-by-op model,
   # bit for bit (XLA's default let values stay float32 where the model rounds them to bf16).
   config = tiny_config(dtype="bfloat16", augment=False)
-  mesh = train.create_mesh(jax.devices()[:1])
+  mesh = sharding.create_mesh(jax.devices()[:1])
   model, tx = train.make_model(config), train.make_optimizer(config)
   state = train.init_state(config, model, tx, mesh)
   batch = fake_batch(config)
   params = jax.device_get(state.params)  # The step donates the state.
   _, metrics = train.make_train_step(config, model, tx, mesh)(
-      state, train.to_global(batch, mesh), jax.random.key(config.seed))
+      state, sharding.to_global(batch, mesh), jax.random.key(config.seed))
   with jax.disable_jit():
     outputs = model.apply({"params": params}, jnp.asarray(batch["image"]), train=True)
     loss, _ = losses.total_loss(outputs, batch, z_weight=config.z_loss_weight,

@@ -227,32 +227,65 @@ TABLE_ROWS = (
     ("z_mean_outlier_fraction", "redshift outlier fraction eta (abs dz > 0.05)", "lower"),
     ("z_mean_bias", "redshift bias median(dz)", "closer to 0"),
     ("z_mode_sigma_mad", "redshift sigma_MAD (PDF mode)", "lower"),
+    ("z_median_sigma_mad", "redshift sigma_MAD (PDF median)", "lower"),
     ("z_crps", "redshift CRPS", "lower"),
     ("z_pit_max_deviation", "PIT histogram: max abs. deviation from flat", "lower"),
 )
-PREDICTORS = ("ASTRA", "mean spectrum", "colour kNN")
+PREDICTORS = ("ASTRA", "mean spectrum", "colour kNN", "photo trees", "photo MLP")
+#: The baselines that need the dataset's multi-aperture `aperture_fluxes` (see `photometry`).
+PHOTOMETRIC_PREDICTORS = ("photo trees", "photo MLP")
+
+
+def baseline_scalars(model, train_data: dict[str, np.ndarray], data: dict[str, np.ndarray]
+                     ) -> dict[str, float]:
+  """`scalar_metrics` of a baseline fitted on `train_data` and scored on `data`, plus the
+  redshift metrics of its PDF median (`z_median_*`; a point estimate is its own median).
+
+  A baseline with a redshift PDF (`z_pdf` in its prediction) exposes its bin edges as
+  `model.z_edges`; it is then scored on CRPS and PIT too.
+  """
+  pred = model.fit(train_data).predict(data)
+  out = scalar_metrics(pred, getattr(model, "z_edges", None))
+  has_z = pred["has_z"].astype(bool)
+  for k, v in redshift_metrics(pred["z_median"][has_z], pred["z"][has_z]).items():
+    out[f"z_median_{k}"] = v
+  return out
 
 
 def compare_with_baselines(dataset_dir: str, astra_scalars: dict[str, float], split: str = "test",
                            train_split: str = "train") -> dict[str, dict[str, float]]:
-  """Scores both baselines (fitted on `train_split`) on `split`: {predictor: scalars}."""
+  """Scores the baselines (fitted on `train_split`) on `split`: {predictor: scalars}.
+
+  The photometric baselines (PHOTOMETRIC_PREDICTORS) need `aperture_fluxes` in the dataset;
+  where it has none (prepared before they were stored) they are left out, with a warning.
+  """
+  from absl import logging  # pylint: disable=g-import-not-at-top
   from astra_jax import baselines  # pylint: disable=g-import-not-at-top
+  from astra_jax import photometry  # pylint: disable=g-import-not-at-top
   train_data = baselines.load_split(dataset_dir, train_split)
   data = baselines.load_split(dataset_dir, split)
-  return {
-      "ASTRA": astra_scalars,
-      "mean spectrum": scalar_metrics(baselines.MeanSpectrum().fit(train_data).predict(data)),
-      "colour kNN": scalar_metrics(baselines.ColourKNN().fit(train_data).predict(data)),
-  }
+  models = {"mean spectrum": baselines.MeanSpectrum(), "colour kNN": baselines.ColourKNN()}
+  if photometry.KEY in train_data and photometry.KEY in data:
+    models.update({"photo trees": baselines.PhotoTrees(), "photo MLP": baselines.PhotoMLP()})
+  else:
+    logging.warning("The dataset in %s has no %r: the %s baselines are left out of the results "
+                    "(prepare the dataset again to score them).", dataset_dir, photometry.KEY,
+                    " and ".join(PHOTOMETRIC_PREDICTORS))
+  results = {"ASTRA": astra_scalars}
+  for name, model in models.items():
+    results[name] = baseline_scalars(model, train_data, data)
+  return results
 
 
 def results_markdown(results: dict[str, dict[str, float]], split: str = "test") -> str:
-  """The side-by-side table of `compare_with_baselines`, as Markdown."""
+  """The side-by-side table of `compare_with_baselines`, as Markdown: one column per predictor
+  of PREDICTORS that `results` holds, in that order."""
+  predictors = [p for p in PREDICTORS if p in results]
   n = int(results["ASTRA"].get("z_mean_n", 0))
-  lines = [f"| {split} split ({n} galaxies) | better | " + " | ".join(PREDICTORS) + " |",
-           "|---|---|" + "---:|" * len(PREDICTORS)]
+  lines = [f"| {split} split ({n} galaxies) | better | " + " | ".join(predictors) + " |",
+           "|---|---|" + "---:|" * len(predictors)]
   for key, label, better in TABLE_ROWS:
-    values = [results[p].get(key) for p in PREDICTORS]
+    values = [results[p].get(key) for p in predictors]
     if all(v is None for v in values):
       continue
     cells = ["–" if v is None or not np.isfinite(v) else f"{v:.4g}" for v in values]

@@ -86,3 +86,51 @@ def test_colour_knn_finds_the_galaxy_with_the_same_colours():
   z = baselines.ColourKNN(k=10).fit(train).predict(test)["z_mean"]
   assert np.max(np.abs(z - train["z"][:10])) < 0.05
   assert np.max(np.abs(z - train["z"][:10])) > 0
+
+
+def _with_aperture_fluxes(split):
+  """`split` with `aperture_fluxes` (N, 5, 5): its 3" fluxes grown outwards like a Gaussian of
+  sigma 1.5"."""
+  from astra_jax import photometry  # pylint: disable=g-import-not-at-top
+  radius = np.array(photometry.DIAMETERS_ARCSEC) / 2
+  growth = (1 - np.exp(-0.5 * (radius / 1.5) ** 2)) / (1 - np.exp(-0.5 * (1.5 / 1.5) ** 2))
+  fluxes = split["aperture_flux"][:, :, None] * growth[None, None, :]
+  return {**split, photometry.KEY: fluxes.astype(np.float32)}
+
+
+def _compare(monkeypatch, splits):
+  monkeypatch.setattr(baselines, "load_split", lambda dataset_dir, split: splits[split])
+  return evaluate.compare_with_baselines("unused", {"z_mean_sigma_mad": 0.01, "z_mean_n": 40})
+
+
+def test_compare_leaves_out_the_photometric_baselines_without_aperture_fluxes(monkeypatch,
+                                                                               caplog):
+  rng = np.random.default_rng(2)
+  splits = {"train": _fake_split(100, rng), "test": _fake_split(40, rng)}
+  results = _compare(monkeypatch, splits)
+  assert list(results) == ["ASTRA", "mean spectrum", "colour kNN"]
+  assert "aperture_fluxes" in caplog.text and "photo trees and photo MLP" in caplog.text
+  table = evaluate.results_markdown(results)
+  assert table.splitlines()[0].endswith("| ASTRA | mean spectrum | colour kNN |")
+  assert "photo" not in table
+
+
+def test_compare_scores_every_baseline_on_the_same_split(monkeypatch):
+  rng = np.random.default_rng(3)
+  splits = {"train": _with_aperture_fluxes(_fake_split(200, rng)),
+            "test": _with_aperture_fluxes(_fake_split(40, rng))}
+  results = _compare(monkeypatch, splits)
+  assert list(results) == list(evaluate.PREDICTORS)
+  for name in evaluate.PREDICTORS[1:]:
+    assert results[name]["z_mean_n"] == 40 and np.isfinite(results[name]["z_median_sigma_mad"])
+  # The point estimators' PDF median is their point estimate; the MLP's PDF is scored too.
+  knn = results["colour kNN"]
+  assert knn["z_median_sigma_mad"] == knn["z_mean_sigma_mad"] and "z_crps" not in knn
+  assert np.isfinite(results["photo MLP"]["z_crps"])
+  lines = evaluate.results_markdown(results).splitlines()
+  assert lines[0] == ("| test split (40 galaxies) | better | ASTRA | mean spectrum | colour kNN "
+                      "| photo trees | photo MLP |")
+  median_row = next(line for line in lines if "(PDF median)" in line)
+  assert median_row.split(" | ")[2] == "–"                 # ASTRA's scalars have no median.
+  assert len(lines) == 2 + sum(1 for key, _, _ in evaluate.TABLE_ROWS
+                               if any(key in results[p] for p in results))

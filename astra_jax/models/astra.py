@@ -10,19 +10,15 @@ normalisation, so `losses.denormalise(spectrum, log_norm)` gives flux in 1e-17 e
 """
 
 import dataclasses
-import functools
-import itertools
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import flax.linen as nn
+from flax.typing import Dtype
 import jax
 import jax.numpy as jnp
-from jax import lax
 import numpy as np
 
 from astra_jax.grid import NUM_PIXELS
-from astra_jax.models.common import (Dense, Dtype, canonical_dtype, dot_f32,
-                                     grouped_matmul_kernel_grad, matmul_operands)
 from astra_jax.models.transformer import TransformerEncoder
 
 PATCH_EMBEDDINGS = ("conv2d", "conv1d", "linear")
@@ -38,130 +34,17 @@ def patch_grid(image_hw: Tuple[int, int], patch_size: int) -> Tuple[int, int]:
   return height // patch_size, width // patch_size
 
 
+def canonical_dtype(dtype: Any) -> jnp.dtype:
+  """`jnp.dtype` of a dtype or its name ("float32", "bfloat16", "bf16", "fp32")."""
+  aliases = {"bf16": "bfloat16", "fp32": "float32", "f32": "float32"}
+  if isinstance(dtype, str):
+    dtype = aliases.get(dtype, dtype)
+  return jnp.dtype(dtype)
+
+
 def _check_patch_embedding(value: str) -> None:
   if value not in PATCH_EMBEDDINGS:
     raise ValueError(f"patch_embedding must be one of {PATCH_EMBEDDINGS}, got {value!r}")
-
-
-def im2col(x: jax.Array, kernel_size: int) -> jax.Array:
-  """SAME, stride-1 sliding windows as channels: (M, *spatial, C) -> (M, *spatial, k^d * C).
-
-  Channel (offset_index * C + c) of the output holds channel c of the input shifted by the
-  offset_index-th kernel offset in row-major order over the d spatial axes, zero outside the
-  input; so `im2col(x, k) @ kernel.reshape(-1, F)` equals a SAME convolution with a
-  (k, ..., k, C, F) kernel (cross-correlation, as `lax.conv_general_dilated` and `nn.Conv`).
-  """
-  spatial = x.shape[1:-1]
-  low = (kernel_size - 1) // 2
-  padded = jnp.pad(x, [(0, 0)] + [(low, kernel_size - 1 - low)] * len(spatial) + [(0, 0)])
-  views = [padded[(slice(None),) + tuple(slice(o, o + n) for o, n in zip(offsets, spatial))]
-           for offsets in itertools.product(range(kernel_size), repeat=len(spatial))]
-  return jnp.concatenate(views, axis=-1)
-
-
-def _im2col_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """SAME stride-1 convolution x (M, *spatial, C) * kernel (k, ..., k, C, F) as one matmul,
-  accumulated and returned in float32."""
-  cols = im2col(x, kernel.shape[0])
-  return dot_f32(cols, kernel.reshape(-1, kernel.shape[-1]), (((cols.ndim - 1,), (0,)), ((), ())))
-
-
-def _native_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """The convolution of `_im2col_conv` by `lax.conv_general_dilated` (float32 result)."""
-  ndim = x.ndim - 2
-  spatial = "HWD"[:ndim]
-  lhs, rhs = matmul_operands(x, kernel)
-  return lax.conv_general_dilated(
-      lhs, rhs, (1,) * ndim, "SAME", preferred_element_type=jnp.float32,
-      dimension_numbers=(f"N{spatial}C", f"{spatial}IO", f"N{spatial}C"))
-
-
-def _shift(y: jax.Array, shifts: Sequence[int]) -> jax.Array:
-  """y (M, *spatial, C) moved along the spatial axes: out[m, i] = y[m, i - shifts], 0 outside."""
-  for axis, s in enumerate(shifts, start=1):
-    n = y.shape[axis]
-    s = max(-n, min(n, s))  # A shift by the whole axis or more leaves zeros.
-    kept = lax.slice_in_dim(y, max(-s, 0), n - max(s, 0), axis=axis)
-    pads = [(0, 0)] * y.ndim
-    pads[axis] = (max(s, 0), max(-s, 0))
-    y = jnp.pad(kept, pads)
-  return y
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def patch_conv(x: jax.Array, kernel: jax.Array, native: bool = True) -> jax.Array:
-  """SAME, stride-1 convolution x (M, *spatial, C) * kernel (k, ..., k, C, F) -> (M, *spatial, F),
-  accumulated and returned in float32 (cross-correlation, as `nn.Conv`).
-
-  The forward pass is the native convolution (`native=True`; XLA:CPU runs these small-channel
-  convolutions ~2x faster than the im2col matmul, small config, batch 32: 0.16 s vs 0.36 s) or
-  the im2col matmul (`native=False`, for training: see `PatchConv`). The backward pass is the
-  same either way (`_patch_conv_bwd`).
-  """
-  return _native_conv(x, kernel) if native else _im2col_conv(x, kernel)
-
-
-def _patch_conv_fwd(x, kernel, native):
-  return patch_conv(x, kernel, native), (x, kernel)
-
-
-def _patch_conv_bwd(native, residuals, g):
-  """Both gradients as matmuls of operands in x's dtype (see `common._einsum_f32`).
-
-  The input's gradient is the cotangent times the kernel (one matmul onto every tap at once),
-  shifted back tap by tap and summed. Autodiff of the im2col matmul summed the same products
-  through a chain of pads and float32 copies, one fusion of 0.34 s in a 2.0 s small peer-matched
-  bf16 step. The two convolutions of that step (10368 patches of 256 pixels, 5 -> 32 -> 64
-  channels), forward and backward in bf16 on a 2-core Zen 4: 1.13-1.23 s -> 0.81-0.87 s; in
-  float32 within noise (1.10-1.49 s either way).
-  """
-  del native
-  x, kernel = residuals
-  size, (channels, features) = kernel.shape[0], kernel.shape[-2:]
-  g = g.astype(x.dtype)
-  cols = im2col(x, size)
-  d_kernel = grouped_matmul_kernel_grad(cols.reshape(len(x), -1, cols.shape[-1]),
-                                        g.reshape(len(x), -1, features))
-  taps = list(itertools.product(range(size), repeat=x.ndim - 2))
-  # (F, taps * C); a plain .T XLA folds into the dot, whose transposed bf16 operand it then widens
-  # to float32 (2654208 x 64 x 96 on a Zen 4: ~70 ms slower).
-  kernel_t = kernel.reshape(len(taps), channels, features).transpose(2, 0, 1).reshape(features, -1)
-  kernel_t = kernel_t.astype(x.dtype)
-  per_tap = dot_f32(g, kernel_t, (((g.ndim - 1,), (0,)), ((), ())))
-  per_tap = per_tap.reshape(g.shape[:-1] + (len(taps), channels))
-  low = (size - 1) // 2
-  d_x = sum(_shift(per_tap[..., t, :], [o - low for o in offsets])
-            for t, offsets in enumerate(taps))
-  return d_x.astype(x.dtype), d_kernel.reshape(kernel.shape).astype(kernel.dtype)
-
-
-patch_conv.defvjp(_patch_conv_fwd, _patch_conv_bwd)
-
-
-class PatchConv(nn.Module):
-  """SAME, stride-1 convolution over each patch (`patch_conv`) with `nn.Conv`'s parameters.
-
-  x (M, *spatial, C) -> (M, *spatial, features) in `dtype`, accumulated in float32 and the bias
-  added in float32 before rounding (see `common.dense_f32_acc`); `kernel` (k, ..., k, C, features)
-  and `bias` (features,) have `nn.Conv`'s shapes and initialisers.
-  `train=True` runs the forward pass as the im2col matmul, whose columns the kernel's gradient
-  needs anyway (bf16 forward and backward at the size above: 0.81 s against 0.88 s with the
-  native forward pass); inference runs the native convolution, twice as fast alone. Same values
-  either way.
-  """
-  features: int
-  kernel_size: int = 3
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    ndim, channels = x.ndim - 2, x.shape[-1]
-    kernel = self.param("kernel", nn.initializers.lecun_normal(),
-                        (self.kernel_size,) * ndim + (channels, self.features), self.param_dtype)
-    bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype)
-    y = patch_conv(x.astype(self.dtype), kernel.astype(self.dtype), not train)
-    return (y + bias).astype(self.dtype)
 
 
 class PatchCNN(nn.Module):
@@ -170,14 +53,12 @@ class PatchCNN(nn.Module):
   Patching is a reshape inside the model: (B, C, H, W) -> (B*N, p, p, C), patches in row-major grid
   order (token = row * grid_w + col), N = (H/p)(W/p). The patches are folded into the batch dim, so
   every patch goes through the same learned weights. `patch_embedding` selects:
-    "conv2d": 2-D convs (kernel_size x kernel_size, SAME, ReLU) with `features` channels over each
-              p x p x C patch, flatten, Dense(dim).
-    "conv1d": the seed's variant: 1-D convs (kernel_size, SAME, ReLU) over the p*p row-major
-              flattened pixels with the C bands as channels, flatten, Dense(dim) (like-with-like
-              timing against the seed).
+    "conv2d": `nn.Conv` (kernel_size x kernel_size, SAME, ReLU) layers with `features` channels
+              over each p x p x C patch, flatten, Dense(dim).
+    "conv1d": the seed's variant: `nn.Conv` (kernel_size, SAME, ReLU) layers over the p*p
+              row-major flattened pixels with the C bands as channels, flatten, Dense(dim).
     "linear": ViT-style Dense(dim) of the flattened p*p*C patch (no convolution).
-  The convolutions pad each patch with zeros (they never see a neighbouring patch); see
-  `PatchConv` (the parameters of `nn.Conv`; `train` picks how it computes, not what).
+  SAME padding pads each patch with zeros: a convolution never sees a neighbouring patch.
   """
   patch_size: int = 16
   dim: int = 256
@@ -192,7 +73,7 @@ class PatchCNN(nn.Module):
     super().__post_init__()
 
   @nn.compact
-  def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
+  def __call__(self, images: jax.Array) -> jax.Array:
     batch, bands, height, width = images.shape
     grid_h, grid_w = patch_grid((height, width), self.patch_size)
     p = self.patch_size
@@ -201,12 +82,13 @@ class PatchCNN(nn.Module):
     if self.patch_embedding == "conv1d":
       x = x.reshape(batch * grid_h * grid_w, p * p, bands)
     if self.patch_embedding in ("conv2d", "conv1d"):
+      kernel_size = (self.kernel_size,) * (x.ndim - 2)
       for i, features in enumerate(self.features):
-        x = PatchConv(features, self.kernel_size, dtype=self.dtype, param_dtype=self.param_dtype,
-                      name=f"conv_{i}")(x, train=train)
+        x = nn.Conv(features, kernel_size, padding="SAME", dtype=self.dtype,
+                    param_dtype=self.param_dtype, name=f"conv_{i}")(x)
         x = nn.relu(x)
     x = x.reshape(batch, grid_h * grid_w, -1)
-    return Dense(self.dim, dtype=self.dtype, param_dtype=self.param_dtype, name="proj")(x)
+    return nn.Dense(self.dim, dtype=self.dtype, param_dtype=self.param_dtype, name="proj")(x)
 
 
 class SpectrumDecoder(nn.Module):
@@ -223,7 +105,8 @@ class SpectrumDecoder(nn.Module):
 
   @nn.compact
   def __call__(self, summary: jax.Array) -> Tuple[jax.Array, jax.Array]:
-    h = Dense(self.hidden, dtype=self.dtype, param_dtype=self.param_dtype, name="hidden")(summary)
+    h = nn.Dense(self.hidden, dtype=self.dtype, param_dtype=self.param_dtype,
+                 name="hidden")(summary)
     h = nn.relu(h)
     spectrum = nn.Dense(self.num_pixels, dtype=jnp.float32, param_dtype=self.param_dtype,
                         name="spectrum")(h)
@@ -244,8 +127,8 @@ class RedshiftHead(nn.Module):
 
   @nn.compact
   def __call__(self, summary: jax.Array) -> jax.Array:
-    h = Dense(self.hidden or summary.shape[-1], dtype=self.dtype, param_dtype=self.param_dtype,
-              name="hidden")(summary)
+    h = nn.Dense(self.hidden or summary.shape[-1], dtype=self.dtype,
+                 param_dtype=self.param_dtype, name="hidden")(summary)
     h = nn.gelu(h, approximate=False)
     return nn.Dense(self.num_bins, dtype=jnp.float32, param_dtype=self.param_dtype,
                     name="logits")(h)
@@ -281,11 +164,12 @@ class Astra(nn.Module):
     attention (B, num_heads, H/p, W/p), only if return_attention: the last block's attention of the
       summary token over the patch grid (for maps overlaid on the images).
   Dropout (train=True only) draws from the "dropout" rng collection. Every block's full attention
-  weights (B, num_heads, N+1, N+1) are also sown, as a 1-tuple, at
+  weights (B, num_heads, N+1, N+1) float32 are also sown, as a 1-tuple, at
   `intermediates/encoder/block_{i}/attention_weights` (pass `mutable=["intermediates"]`); without
-  it the last block computes the summary token alone (the outputs are the same either way).
-  `dtype` is the compute dtype (bf16 matmuls accumulate in float32), `param_dtype` the parameter
-  dtype; outputs are float32 either way.
+  it the last block computes the summary token alone (same outputs in evaluation; in training its
+  dropout masks are drawn for that row alone), and attention runs through
+  `jax.nn.dot_product_attention`. `dtype` is the compute dtype of the stock layers (bf16: params
+  float32, matmuls in bf16), `param_dtype` the parameter dtype; outputs are float32 either way.
   """
   patch_size: int = 16
   dim: int = 1280
@@ -337,14 +221,15 @@ class Astra(nn.Module):
                return_attention: bool = False) -> Dict[str, jax.Array]:
     grid_shape = patch_grid(images.shape[2:], self.patch_size)
     tokens = PatchCNN(self.patch_size, self.dim, self.patch_embedding, tuple(self.cnn_features),
-                      dtype=self.dtype, param_dtype=self.param_dtype, name="embed")(images, train)
+                      dtype=self.dtype, param_dtype=self.param_dtype, name="embed")(images)
     # The heads read the summary token only: unless every block's attention weights are being
-    # collected, the last block computes the summary token alone (same outputs, fewer FLOPs).
+    # collected, the last block computes the summary token alone (fewer FLOPs).
     _, summary, attention = TransformerEncoder(
         self.num_layers, self.num_heads, self.mlp_ratio, self.dropout, dtype=self.dtype,
         param_dtype=self.param_dtype, name="encoder")(
             tokens, grid_shape, train=train,
-            summary_only=not self.is_mutable_collection("intermediates"))
+            summary_only=not self.is_mutable_collection("intermediates"),
+            return_attention=return_attention)
     spectrum, log_norm = SpectrumDecoder(self.num_pixels, self.decoder_hidden, dtype=self.dtype,
                                          param_dtype=self.param_dtype, name="decoder")(summary)
     z_logits = RedshiftHead(self.num_z_bins, dtype=self.dtype, param_dtype=self.param_dtype,

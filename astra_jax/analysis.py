@@ -24,6 +24,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from astra_jax import checkpoint
 from astra_jax import grid
 from astra_jax import losses
 from astra_jax import sharding
@@ -64,16 +65,6 @@ def local_mesh() -> Mesh:
   return sharding.create_mesh(jax.local_devices())
 
 
-def _manager(directory: str, best: bool) -> ocp.CheckpointManager:
-  """A read-only manager of `directory` (never creates, saves or deletes anything)."""
-  options = ocp.CheckpointManagerOptions(
-      read_only=True, create=False, save_interval_steps=0, max_to_keep=None,
-      # The same ranking as training's best manager, so that best_step() means the same step.
-      best_fn=(lambda m: m["val_loss"]) if best else None, best_mode="min")
-  return ocp.CheckpointManager(directory, options=options,
-                               handler_registry=train.handler_registry())
-
-
 def _pick_step(manager: ocp.CheckpointManager, workdir: str, step: int | None, best: bool) -> int:
   steps = manager.all_steps()
   kind = "best" if best else "latest"
@@ -95,24 +86,24 @@ def restore(workdir: str, step: int | None = None, best: bool = False
   `best=True`, `workdir/best/<step>` (the lowest validation loss unless `step` is given). Only
   shapes are computed (jax.eval_shape): no data and no initialisation are needed, and any device
   count works whatever the run trained on. Raises FileNotFoundError naming `workdir` when there is
-  no such checkpoint, `train.CheckpointMismatchError` when the model of `config.json` does not
-  fit it, and `train.CheckpointDamagedError` naming a truncated or unreadable file of it.
+  no such checkpoint, `checkpoint.CheckpointMismatchError` when the model of `config.json` does
+  not fit it, and `checkpoint.CheckpointDamagedError` when Orbax cannot read it.
   """
   config = load_config(workdir)
   model = train.make_model(config)
   mesh = local_mesh()
   subdir = "best" if best else "checkpoints"
-  manager = _manager(os.path.join(os.path.abspath(workdir), subdir), best)
+  manager = checkpoint.read_only_manager(os.path.join(os.path.abspath(workdir), subdir), best)
   try:
     step = _pick_step(manager, workdir, step, best)
     target = train.abstract_state(config, model, train.make_optimizer(config), mesh)
     if best:  # Training saves only the params there.
-      return config, model, manager.restore(step, args=ocp.args.StandardRestore(target.params))
+      return config, model, checkpoint.restore(manager, step, target.params)
     # The optimiser state is read into host memory (a numpy target; no device memory), then
     # dropped: StandardRestore restores whole trees only.
     host = lambda s: np.broadcast_to(np.zeros((), s.dtype), s.shape)
     target = target.replace(step=host(target.step), opt_state=jax.tree.map(host, target.opt_state))
-    state = manager.restore(step, args=ocp.args.StandardRestore(target))
+    state = checkpoint.restore(manager, step, target)
     return config, model, state.params
   finally:
     manager.close()

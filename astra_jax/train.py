@@ -10,38 +10,29 @@ is exactly the loss of the global batch and N devices give the same update as 1 
 
 from __future__ import annotations
 
-import concurrent.futures
-import functools
-import gc
 import json
-import mmap
 import os
 import signal
 import time
 from typing import Any, Iterator
 
 from absl import logging
-from etils import epath
-import flax
 import flax.struct
 import jax
 from jax import lax
 import jax.numpy as jnp
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, PartitionSpec as P
 import ml_collections
-import numpy as np
 import optax
 import orbax.checkpoint as ocp
-# Orbax's default jax.Array handler keeps PRNG-key dtypes in this store; it has no public name.
-from orbax.checkpoint._src.metadata import array_metadata_store
 
 from astra_jax import augment
-from astra_jax import hugepages
+from astra_jax import checkpoint
+from astra_jax import evaluate
 from astra_jax import losses
 from astra_jax.data import MODEL_KEYS
-from astra_jax.sharding import DATA_AXIS, create_mesh, to_global
 from astra_jax.models import astra as astra_model
-
+from astra_jax.sharding import DATA_AXIS, create_mesh, replicated, to_global
 
 
 @flax.struct.dataclass
@@ -97,16 +88,15 @@ def init_state(config, model, tx, mesh: Mesh) -> TrainState:
     dummy = jnp.zeros((1, *image_shape(config)), jnp.float32)
     params = model.init({"params": rng}, dummy, train=False)["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
-  replicated = NamedSharding(mesh, P())
   rng = jax.random.key(config.seed)
-  return jax.jit(init, out_shardings=replicated)(rng)
+  return jax.jit(init, out_shardings=replicated(mesh))(rng)
 
 
 def abstract_state(config, model, tx, mesh: Mesh) -> TrainState:
   """Shapes, dtypes and shardings of the train state, for restoring without initialising."""
   shapes = jax.eval_shape(lambda: init_state(config, model, tx, mesh))
-  replicated = NamedSharding(mesh, P())
-  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), shapes)
+  sharding = replicated(mesh)
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
 
 
 # ---------------------------------------------------------------- steps
@@ -187,332 +177,6 @@ def make_eval_step(config, model, mesh: Mesh):
   step = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(DATA_AXIS)),
                        out_specs=(P(), P(DATA_AXIS)), check_vma=False)
   return jax.jit(step)
-
-
-# ---------------------------------------------------------------- checkpoints
-
-
-class CheckpointHandler(ocp.StandardCheckpointHandler):
-  """`ocp.StandardCheckpointHandler` (`StandardSave`/`StandardRestore`) writing every array as
-  its own uncompressed zarr folder: no zstd, no OCDBT.
-
-  Float32 weights and Adam moments barely compress (zstd took the seed's TrainState from 1.82 to
-  1.68 GB) while compressing and decompressing them cost more CPU time than the disk time saved,
-  and merging the arrays into OCDBT files costs another copy. Measured on 2 CPU cores, seed
-  TrainState, written with fsync and restored from the page cache: save + restore 11.3 s with
-  Orbax's defaults, 6.9-7.8 s so. Checkpoints written with the defaults (zstd, OCDBT) still
-  restore: the format is read from each checkpoint.
-
-  Restoring such an uncompressed checkpoint maps each array's file and copies it once into the
-  device buffer (`read_uncompressed`). Orbax reads through TensorStore's chunk buffer into a new
-  numpy array and copies that into a new XLA buffer: three first touches of every byte, and the
-  kernel's page zeroing was half of that restore's time.
-  Anything else (other formats, shapes or dtypes that differ from the target, a target without
-  shardings, remote paths) goes to Orbax as before, except a checkpoint whose array names or
-  shapes are not the target's: `CheckpointMismatchError` lists them. A truncated array file or
-  unreadable metadata raises `CheckpointDamagedError` naming the file.
-  """
-
-  def __init__(self):
-    super().__init__(use_ocdbt=False)
-    # StandardCheckpointHandler has no compression switch; the PyTree handler it delegates to has.
-    # `_impl` is private: tests/test_train.py checks the written format, so an Orbax that renames
-    # it fails there rather than silently compressing again.
-    self._impl = ocp.PyTreeCheckpointHandler(use_ocdbt=False, use_compression=False,
-                                             type_handler_registry=_type_handlers())
-
-  def restore(self, directory, item=None, args=None):
-    target = args.item if args is not None else item
-    if target is not None and (args is None or args.fallback_sharding is None):
-      restored = read_uncompressed(directory, target)
-      if restored is not None:
-        return restored
-      # Orbax's own error for another model's checkpoint names one array amid tracebacks from its
-      # worker threads. (Only here, off the fast path: reading the metadata costs ~0.25 s.)
-      try:
-        stored = self._impl.metadata(epath.Path(directory))
-      except ValueError as e:  # json.JSONDecodeError among them, which names no file.
-        raise CheckpointDamagedError(os.fspath(directory), [
-            f"{os.path.join(os.fspath(directory), '_METADATA')}: unreadable ({e})"]) from e
-      except Exception:  # pylint: disable=broad-except
-        pass  # Missing metadata, say: Orbax's restore below says what is wrong.
-      else:
-        differences = checkpoint_differences(stored, target)
-        if differences:
-          raise CheckpointMismatchError(os.fspath(directory), differences)
-    return super().restore(directory, item=item, args=args)
-
-
-class CheckpointMismatchError(ValueError):
-  """A checkpoint whose arrays (names or shapes) are not those of the state being restored: it
-  was saved by another model or optimiser (another config). Dtypes may differ (Orbax casts)."""
-
-  def __init__(self, directory: str, differences: list[str], advice: str = ""):
-    self.directory = directory
-    self.differences = differences
-    super().__init__(f"{directory}: the checkpoint does not fit the state being restored "
-                     f"({len(differences)} difference(s): {_first_few(differences)}); it was "
-                     "saved with another model or optimiser config"
-                     + (f". {advice}" if advice else ""))
-
-
-class CheckpointDamagedError(ValueError):
-  """A checkpoint whose files are not as they were saved: an array file of the wrong size, or
-  metadata that does not parse (a copy cut short, a full or failing disk). `problems` names each
-  file and what is wrong with it."""
-
-  def __init__(self, directory: str, problems: list[str], advice: str = ""):
-    self.directory = directory
-    self.problems = problems
-    super().__init__(f"{directory}: the checkpoint is damaged and cannot be restored "
-                     f"({_first_few(problems)})" + (f". {advice}" if advice else ""))
-
-
-def _first_few(items: list[str], n: int = 5) -> str:
-  """The first `n` of `items` joined by "; ", and how many more there are."""
-  more = f"; and {len(items) - n} more" if len(items) > n else ""
-  return "; ".join(items[:n]) + more
-
-
-def checkpoint_differences(stored, target) -> list[str]:
-  """How the arrays of a checkpoint (`stored`: its Orbax tree metadata) differ from `target`'s by
-  name and shape: "NAME: stored SHAPE, expected SHAPE", "NAME: missing from the checkpoint",
-  "NAME: not expected"; [] when they agree."""
-  names, leaves, _ = _named_leaves(target)
-  expected = {name: tuple(np.shape(x)) for name, x in zip(names, leaves)}
-  found = {m.name: tuple(m.shape) for m in jax.tree.leaves(stored)
-           if getattr(m, "shape", None) is not None}
-  return ([f"{n}: stored {found[n]}, expected {expected[n]}"
-           for n in expected if n in found and found[n] != expected[n]]
-          + [f"{n}: missing from the checkpoint" for n in expected if n not in found]
-          + [f"{n}: not expected" for n in found if n not in expected])
-
-
-def _named_leaves(tree) -> tuple[list[str], list[Any], Any]:
-  """(names, leaves, treedef) of `tree`: each leaf's Orbax name ("params.decoder.hidden.bias",
-  the folder it is saved in) beside it, in flattening order."""
-  leaves, treedef = jax.tree.flatten(tree)
-  names = treedef.flatten_up_to(ocp.tree.get_param_names(tree, include_empty_nodes=False))
-  return names, leaves, treedef
-
-
-def _type_handlers() -> ocp.type_handlers.TypeHandlerRegistry:
-  """Orbax's standard type handlers, except that a replicated jax.Array is written whole by one
-  replica as one zarr chunk (Orbax's CPU default splits it into a chunk per replica), which
-  `read_uncompressed` reads in one go. The save is asynchronous either way."""
-  th = ocp.type_handlers
-  arrays = th.ArrayHandler(use_replica_parallel=False,
-                           array_metadata_store=array_metadata_store.Store())
-  return th.create_type_handler_registry(
-      (int, th.ScalarHandler()), (float, th.ScalarHandler()), (bytes, th.ScalarHandler()),
-      (np.number, th.ScalarHandler()), (np.ndarray, th.NumpyHandler()), (jax.Array, arrays),
-      (str, th.StringHandler()))
-
-
-def _zarr_dtype(dtype: np.dtype) -> str:
-  """The zarr v2 dtype TensorStore writes: numpy's typestr ("<f4"), or the name of an ml_dtypes
-  type such as "bfloat16" (little-endian), which numpy's typestr cannot tell apart ("<V2")."""
-  return dtype.name if dtype.kind == "V" else dtype.str
-
-
-def _zarr_chunk_file(folder: str, leaf) -> str | None:
-  """The one chunk file of `folder`, a zarr v2 array Orbax wrote without compression, if it
-  holds exactly `leaf` (same shape and dtype, C order, one chunk); "" for such an array that is
-  all zeros (TensorStore writes no chunk equal to the fill value); None otherwise.
-
-  Raises `CheckpointDamagedError` for a `.zarray` that does not parse, or for a chunk file whose
-  size is not that of the array its `.zarray` describes (Orbax would fail on both, naming
-  neither file).
-  """
-  zarray = os.path.join(folder, ".zarray")
-  try:
-    with open(zarray) as f:
-      text = f.read()
-  except OSError:  # No such array.
-    return None
-  try:
-    meta = json.loads(text)
-  except ValueError as e:
-    raise CheckpointDamagedError(os.path.dirname(folder), [f"{zarray}: unreadable ({e})"]) from e
-  try:
-    dtype = np.dtype(leaf.dtype)
-  except TypeError:  # A dtype numpy lacks (PRNG keys).
-    return None
-  shape = list(leaf.shape)
-  if (not isinstance(meta, dict) or meta.get("zarr_format") != 2
-      or meta.get("compressor") is not None or meta.get("filters") is not None
-      or meta.get("order") != "C" or meta.get("shape") != shape or meta.get("chunks") != shape
-      or meta.get("dtype") != _zarr_dtype(dtype)):
-    return None
-  path = os.path.join(folder, meta.get("dimension_separator", ".").join(["0"] * len(shape)) or "0")
-  if not os.path.exists(path):
-    return "" if meta.get("fill_value") in (None, 0) else None
-  if not os.path.isfile(path):
-    return None
-  size, expected = os.path.getsize(path), dtype.itemsize * int(np.prod(shape))
-  if size != expected:
-    raise CheckpointDamagedError(os.path.dirname(folder), [
-        f"{path}: {size} bytes, expected {expected} ({dtype.name} {tuple(shape)})"])
-  return path
-
-
-def _map(path: str) -> mmap.mmap:
-  """The chunk file `path`, mapped read-only."""
-  with open(path, "rb") as f:
-    # MAP_POPULATE (mapping every page up front) measured slower: the copy's faults overlap.
-    return mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ)
-
-
-def _read_numpy(path: str, leaf) -> np.ndarray:
-  """The chunk file `path` ("" for all zeros) as a new numpy array shaped like `leaf`."""
-  if not path or not np.prod(leaf.shape):  # All zeros (no file), or empty (mmap refuses it).
-    return np.zeros(leaf.shape, leaf.dtype)
-  with _map(path) as mapping:
-    return np.frombuffer(mapping, leaf.dtype).reshape(leaf.shape).copy()
-
-
-def _read_jax(path: str, leaf, mappings: list[mmap.mmap]) -> jax.Array:
-  """The chunk file `path` ("" for all zeros) placed with `leaf.sharding`, in buffers XLA owns;
-  appends the file's mapping to `mappings`, for the caller to close.
-
-  The file is mapped, not read: its page-cache pages are copied once, straight into the device
-  buffers. Reading it into a buffer first cost one more pass over 1.82 GB for the seed
-  TrainState (restore 2.6-3.3 s against 2.0-2.5 s mapped; alternating runs on 2 CPU cores, from
-  the page cache).
-  """
-  if not path or not np.prod(leaf.shape):  # All zeros (no file), or empty (mmap refuses it).
-    return jnp.zeros(leaf.shape, leaf.dtype, device=leaf.sharding)
-  mapping = _map(path)
-  mappings.append(mapping)
-  host = np.frombuffer(mapping, leaf.dtype).reshape(leaf.shape)
-  out = jax.make_array_from_callback(leaf.shape, leaf.sharding, lambda index: host[index])
-  if any(d.platform == "cpu" for d in leaf.sharding.device_set):
-    # XLA:CPU aliases aligned host memory instead of copying it (device_put's may_alias=False
-    # does not change that for numpy input), and it cannot donate memory it does not own: a
-    # resumed run's first step then allocated and touched a whole new state (6 s for the seed
-    # TrainState). A copy by device_put gives it buffers of its own; a jitted copy did too, but
-    # compiled once per leaf shape: seed TrainState restore 2.1-2.3 s against 1.6-1.8 s.
-    staged, out = out, jax.device_put(out, leaf.sharding, may_alias=False)
-    staged.delete()
-  return out.block_until_ready()
-
-
-def read_uncompressed(directory, target) -> Any | None:
-  """`target` (a pytree of `jax.ShapeDtypeStruct`/`jax.Array` with shardings, or numpy arrays)
-  read from an Orbax item folder of uncompressed zarr arrays; None when the folder is anything
-  else (another format, a different tree, shape or dtype), which Orbax then restores.
-
-  jax leaves come back with the target's sharding, numpy leaves as numpy arrays. Raises
-  `CheckpointDamagedError` listing every array file of the wrong size and `.zarray` that does not
-  parse.
-  """
-  directory = os.fspath(directory)
-  if not os.path.isdir(directory):  # Also remote paths (gs://...): Orbax reads those.
-    return None
-  names, leaves, treedef = _named_leaves(target)
-  if not all(isinstance(x, np.ndarray) or getattr(x, "sharding", None) is not None
-             for x in leaves):
-    return None
-  paths, problems = [], []
-  for name, leaf in zip(names, leaves):
-    try:
-      paths.append(_zarr_chunk_file(os.path.join(directory, name), leaf))
-    except CheckpointDamagedError as e:
-      paths.append(None)
-      problems.extend(e.problems)
-  if problems:
-    raise CheckpointDamagedError(directory, problems)
-  stored = sum(1 for entry in os.scandir(directory)
-               if os.path.isfile(os.path.join(entry.path, ".zarray")))
-  if None in paths or stored != len(leaves):  # A different tree: Orbax explains what differs.
-    return None
-  # Reading is page faults and copies: threads overlap them (XLA and numpy free the GIL).
-  # The state is written once here and then updated in place: huge pages' faults cost, not pay.
-  threads = min(8, os.cpu_count() or 1)
-  mappings = []
-  with hugepages.small_pages(), concurrent.futures.ThreadPoolExecutor(threads) as pool:
-    restored = list(pool.map(
-        lambda p, x: (_read_numpy(p, x) if isinstance(x, np.ndarray)
-                      else _read_jax(p, x, mappings)),
-        paths, leaves))
-  # jax lets go of the host arrays it placed only at a garbage collection (a reference cycle):
-  # one now, so that the mappings close here and not whenever the next one runs.
-  gc.collect()  # ~0.1 s after a seed restore.
-  for mapping in mappings:
-    try:
-      mapping.close()
-    except BufferError:  # Still referenced: unmapped when that reference goes.
-      pass
-  return jax.tree.unflatten(treedef, restored)
-
-
-def handler_registry() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
-  """`CheckpointHandler` for `StandardSave` and `StandardRestore` of the manager's item."""
-  registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
-  handler = CheckpointHandler()
-  registry.add(None, ocp.args.StandardSave, handler)
-  registry.add(None, ocp.args.StandardRestore, handler)
-  return registry
-
-
-def checkpoint_managers(workdir: str, config) -> tuple[ocp.CheckpointManager, ocp.CheckpointManager]:
-  """(latest, best): the latest `max_to_keep` checkpoints, and the best one by validation loss."""
-  # Each manager synchronises processes with its own barrier names: the two finalise their async
-  # saves in concurrent threads, and a shared name fails ("barrier ... is already ongoing").
-  multiprocessing = lambda name: ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name)
-  latest = ocp.CheckpointManager(
-      os.path.join(os.path.abspath(workdir), "checkpoints"),
-      options=ocp.CheckpointManagerOptions(max_to_keep=config.max_to_keep, create=True,
-                                           multiprocessing_options=multiprocessing("latest")),
-      handler_registry=handler_registry())
-  best = ocp.CheckpointManager(
-      os.path.join(os.path.abspath(workdir), "best"),
-      options=ocp.CheckpointManagerOptions(max_to_keep=1, best_fn=lambda m: m["val_loss"],
-                                           best_mode="min", create=True,
-                                           multiprocessing_options=multiprocessing("best")),
-      handler_registry=handler_registry())
-  return latest, best
-
-
-def incomplete_checkpoints(directory) -> list[str]:
-  """Checkpoint folders that a killed save left behind (Orbax renames a folder when complete)."""
-  directory = os.fspath(directory)
-  if not os.path.isdir(directory):
-    return []
-  return sorted(name for name in os.listdir(directory) if ".orbax-checkpoint-tmp" in name)
-
-
-def restore_or_init(manager: ocp.CheckpointManager, config, model, tx, mesh) -> TrainState:
-  """The latest complete checkpoint in `manager`, or a fresh state. Raises
-  `CheckpointMismatchError` (naming the workdir's config.json) for a checkpoint that another
-  model or optimiser config saved, and `CheckpointDamagedError` (naming the files, and the step
-  to resume from instead) for one whose files are damaged."""
-  step = manager.latest_step()
-  incomplete = incomplete_checkpoints(manager.directory)
-  if incomplete:
-    logging.warning("Ignoring incomplete checkpoint(s) %s in %s (a save was interrupted); %s",
-                    ", ".join(incomplete), manager.directory,
-                    f"resuming from step {step}" if step is not None else "starting afresh")
-  if step is None:
-    return init_state(config, model, tx, mesh)
-  logging.info("Resuming from checkpoint at step %d in %s", step, manager.directory)
-  target = abstract_state(config, model, tx, mesh)
-  try:
-    return manager.restore(step, args=ocp.args.StandardRestore(target))
-  except CheckpointMismatchError as e:
-    workdir = os.path.dirname(os.fspath(manager.directory))
-    raise CheckpointMismatchError(e.directory, e.differences, advice=(
-        f"To resume {workdir}, rerun with the config in {os.path.join(workdir, 'config.json')} "
-        "(settings that leave the model and optimiser state as they are, such as "
-        "num_train_steps, may change), or start a new workdir")) from None
-  except CheckpointDamagedError as e:
-    # Not done silently: a damaged checkpoint may mean a failing disk, and resuming from an
-    # earlier step repeats the steps since.
-    folder = os.path.join(os.fspath(manager.directory), str(step))
-    earlier = [s for s in manager.all_steps() if s < step]
-    then = f"resume from step {max(earlier)}" if earlier else "start afresh"
-    raise CheckpointDamagedError(e.directory, e.problems, advice=(
-        f"Move {folder} out of {manager.directory} to {then}")) from e
 
 
 # ---------------------------------------------------------------- evaluation
@@ -610,6 +274,7 @@ def validate_config(config):
 
 
 def config_get(config, dotted: str):
+  """`config`'s field at a dotted path such as "model.dim"."""
   for part in dotted.split("."):
     config = config[part]
   return config
@@ -645,6 +310,7 @@ class MetricWriter:
 
 
 def write_config(config, workdir: str):
+  """`workdir/config.json` (process 0 only): what `analysis.restore` rebuilds the model from."""
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
@@ -652,8 +318,7 @@ def write_config(config, workdir: str):
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains ASTRA on `config`'s data, resuming from `workdir`; returns the test-split results."""
-  from astra_jax import evaluate  # pylint: disable=g-import-not-at-top
-  from astra_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from astra_jax.data import pipeline  # pylint: disable=g-import-not-at-top (TensorFlow)
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
 
   validate_config(config)
@@ -665,8 +330,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   mesh = create_mesh()
   model, tx = make_model(config), make_optimizer(config)
-  latest, best = checkpoint_managers(workdir, config)
-  state = restore_or_init(latest, config, model, tx, mesh)
+  latest, best = checkpoint.checkpoint_managers(workdir, config)
+  state = checkpoint.restore_or_init(latest, abstract_state(config, model, tx, mesh),
+                                     lambda: init_state(config, model, tx, mesh))
   # Only now: a config whose model does not fit the checkpoints fails above and leaves the
   # config.json they were saved with, which notebooks restore them by.
   write_config(config, workdir)
@@ -675,7 +341,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   eval_step = make_eval_step(config, model, mesh)
   # Made by a jitted function so that it is replicated over every host's devices.
   rng = jax.jit(lambda: jax.random.key(config.seed, impl=config.rng_impl),
-                out_shardings=NamedSharding(mesh, P()))()
+                out_shardings=replicated(mesh))()
   writer = MetricWriter(workdir)
   splits = set(pipeline.load_builder(dataset_dir).info.splits)
   for split in ("validation", "test"):

@@ -17,6 +17,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from astra_jax import analysis
+from astra_jax import checkpoint
 from astra_jax import evaluate
 from astra_jax import grid
 from astra_jax import sharding
@@ -49,9 +50,9 @@ def run(tiny_dataset, tmp_path_factory):
   """(workdir, config, params at step 2) of a tiny run on the tiny dataset, as training leaves it.
 
   config.json, metrics.jsonl and the Orbax checkpoints (TrainState at steps 1 and 2, params at
-  step 2 in best/) are written by `train`'s own writers and managers; the states themselves are
-  drawn on the host: compiling the init and train steps would take most of this file's time
-  budget on a small CPU, and what is tested here is reading them back.
+  step 2 in best/) are written by `train`'s writers and `checkpoint`'s managers; the states
+  themselves are drawn on the host: compiling the init and train steps would take most of this
+  file's time budget on a small CPU, and what is tested here is reading them back.
   """
   config = baseline.get_config("tiny")
   config.data_dir = tiny_dataset
@@ -61,7 +62,7 @@ def run(tiny_dataset, tmp_path_factory):
   mesh = sharding.create_mesh()
   model, tx = train.make_model(config), train.make_optimizer(config)
   abstract = train.abstract_state(config, model, tx, mesh)
-  latest, best = train.checkpoint_managers(workdir, config)
+  latest, best = checkpoint.checkpoint_managers(workdir, config)
   writer = train.MetricWriter(workdir)
   for step in (1, 2):
     state = train.TrainState(

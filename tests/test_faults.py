@@ -13,6 +13,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from astra_jax import checkpoint
 from astra_jax import sharding
 from astra_jax import train
 from astra_jax.data import pipeline
@@ -55,7 +56,7 @@ def final_params(workdir):
   config = baseline.get_config("tiny")
   mesh = sharding.create_mesh()
   model, tx = train.make_model(config), train.make_optimizer(config)
-  latest, _ = train.checkpoint_managers(workdir, config)
+  latest, _ = checkpoint.checkpoint_managers(workdir, config)
   assert latest.latest_step() == STEPS
   state = latest.restore(STEPS, args=ocp.args.StandardRestore(
       train.abstract_state(config, model, tx, mesh)))
@@ -72,14 +73,14 @@ def test_kill9_sigterm_and_a_killed_save_resume_bitwise(tiny_dataset, tmp_path):
   # 1. kill -9 at an arbitrary step after the first checkpoints (saves run in the background,
   #    so the latest complete one can be 4 or 8).
   assert interrupt_at(launch(resumed, tiny_dataset, log), resumed, 10, signal.SIGKILL) == -9
-  latest = train.checkpoint_managers(resumed, baseline.get_config("tiny"))[0]
+  latest = checkpoint.checkpoint_managers(resumed, baseline.get_config("tiny"))[0]
   killed_at = latest.latest_step()
   assert killed_at in (4, 8)
 
   # 2. SIGTERM: a checkpoint of the step it stopped at, then exit 128 + 15.
   proc = launch(resumed, tiny_dataset, log)
   assert interrupt_at(proc, resumed, killed_at + 5, signal.SIGTERM) == 128 + signal.SIGTERM
-  latest = train.checkpoint_managers(resumed, baseline.get_config("tiny"))[0]
+  latest = checkpoint.checkpoint_managers(resumed, baseline.get_config("tiny"))[0]
   termed_at = latest.latest_step()
   assert termed_at >= killed_at + 5
 

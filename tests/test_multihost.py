@@ -11,6 +11,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from astra_jax import checkpoint
 from astra_jax import sharding
 from astra_jax import train
 from experiments.configs import baseline
@@ -49,7 +50,7 @@ def params_at(workdir, step):
   config = baseline.get_config("tiny")
   mesh = sharding.create_mesh()
   model, tx = train.make_model(config), train.make_optimizer(config)
-  latest, _ = train.checkpoint_managers(workdir, config)
+  latest, _ = checkpoint.checkpoint_managers(workdir, config)
   state = latest.restore(step, args=ocp.args.StandardRestore(
       train.abstract_state(config, model, tx, mesh)))
   return jax.device_get(state.params)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -12,9 +13,8 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
-from etils import epath
-from jax.sharding import NamedSharding, PartitionSpec as P
 
+from astra_jax import checkpoint
 from astra_jax import grid
 from astra_jax import losses
 from astra_jax import sharding
@@ -124,23 +124,31 @@ def test_invalid_config_names_field_and_allowed_values():
     train.validate_config(config)
 
 
+def restore_or_init(latest, config, mesh):
+  """`checkpoint.restore_or_init` as training calls it, for `config`'s model and optimiser."""
+  model, tx = train.make_model(config), train.make_optimizer(config)
+  return checkpoint.restore_or_init(latest, train.abstract_state(config, model, tx, mesh),
+                                    lambda: train.init_state(config, model, tx, mesh))
+
+
 def test_checkpoint_restores_identically_in_a_fresh_process(tmp_path):
   config = tiny_config()
   state, _, _ = run_steps(config, jax.devices(), [fake_batch(config)])
-  latest, _ = train.checkpoint_managers(str(tmp_path), config)
+  latest, _ = checkpoint.checkpoint_managers(str(tmp_path), config)
   latest.save(1, args=ocp.args.StandardSave(state))
   latest.wait_until_finished()
   np.savez(tmp_path / "expected.npz", *[np.asarray(x) for x in jax.tree.leaves(state)])
   script = textwrap.dedent(f"""
       import jax, numpy as np
-      from astra_jax import sharding, train
+      from astra_jax import checkpoint, sharding, train
       from experiments.configs import baseline
       config = baseline.get_config("tiny")
       config.model.dropout = 0.0
       mesh = sharding.create_mesh()
       model, tx = train.make_model(config), train.make_optimizer(config)
-      latest, _ = train.checkpoint_managers({str(tmp_path)!r}, config)
-      state = train.restore_or_init(latest, config, model, tx, mesh)
+      latest, _ = checkpoint.checkpoint_managers({str(tmp_path)!r}, config)
+      state = checkpoint.restore_or_init(latest, train.abstract_state(config, model, tx, mesh),
+                                         lambda: train.init_state(config, model, tx, mesh))
       np.savez({str(tmp_path / 'restored.npz')!r}, *[np.asarray(x) for x in jax.tree.leaves(state)])
   """)
   env = dict(os.environ, PYTHONPATH=REPO)
@@ -152,88 +160,24 @@ def test_checkpoint_restores_identically_in_a_fresh_process(tmp_path):
     assert restored[name].dtype == expected[name].dtype
 
 
-def test_checkpoints_are_uncompressed_zarr_and_orbax_default_ones_still_restore(tmp_path):
+def test_checkpoints_of_the_earlier_uncompressed_format_still_restore(tmp_path):
+  # Until this change, training wrote every array as its own uncompressed zarr folder (no OCDBT,
+  # no zstd); Orbax reads the format from each checkpoint, so such runs resume bit for bit.
   config = tiny_config()
   mesh = sharding.create_mesh()
   model, tx = train.make_model(config), train.make_optimizer(config)
   state = train.init_state(config, model, tx, mesh)
   state = state.replace(params=jax.tree.map(lambda p: p + 0.5, state.params))
-  latest, _ = train.checkpoint_managers(str(tmp_path / "new"), config)
-  latest.save(1, args=ocp.args.StandardSave(state))
-  latest.wait_until_finished()
-  folder = tmp_path / "new" / "checkpoints" / "1" / "default"
-  zarrays = sorted(folder.rglob(".zarray"))
-  # One uncompressed zarr array per leaf; no OCDBT database.
-  assert len(zarrays) == len(jax.tree.leaves(state))
-  assert {json.loads(z.read_text())["compressor"] is None for z in zarrays} == {True}
-  # Replicated over 4 devices, each array is still one chunk: the whole array.
-  assert all(json.loads(z.read_text())["chunks"] == json.loads(z.read_text())["shape"]
-             for z in zarrays)
-  assert not (folder / "manifest.ocdbt").exists()
-
-  # A run checkpointed with Orbax's defaults (zstd, OCDBT), as before, resumes bit for bit.
-  old = ocp.CheckpointManager(str(tmp_path / "old" / "checkpoints"),
-                              options=ocp.CheckpointManagerOptions(create=True))
-  old.save(3, args=ocp.args.StandardSave(state))
-  old.wait_until_finished()
-  assert (tmp_path / "old" / "checkpoints" / "3" / "default" / "manifest.ocdbt").exists()
-  target = train.abstract_state(config, model, tx, mesh)
-  assert train.read_uncompressed(folder, target) is not None
-  assert train.read_uncompressed(tmp_path / "old" / "checkpoints" / "3" / "default", target) is None
-  for workdir in ("new", "old"):
-    latest, _ = train.checkpoint_managers(str(tmp_path / workdir), config)
-    restored = train.restore_or_init(latest, config, model, tx, mesh)
-    jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), jax.device_get(state))
-
-
-def test_direct_read_equals_orbax_restore_and_trains_on(tmp_path):
-  config = tiny_config(adam_mu_dtype="bfloat16")  # bfloat16 arrays are read directly too.
-  batches = [fake_batch(config, seed) for seed in range(2)]
-  state, _, step = run_steps(config, jax.devices(), batches[:1])
-  mesh = sharding.create_mesh()
-  model, tx = train.make_model(config), train.make_optimizer(config)
-  latest, _ = train.checkpoint_managers(str(tmp_path), config)
-  # One all-zero array: TensorStore writes no chunk file for it.
-  state = state.replace(params=jax.tree.map(jnp.zeros_like, state.params)
-                        | {"redshift": state.params["redshift"]})
-  latest.save(1, args=ocp.args.StandardSave(state))
-  latest.wait_until_finished()
-  folder = tmp_path / "checkpoints" / "1" / "default"
-  target = train.abstract_state(config, model, tx, mesh)
-
-  direct = train.read_uncompressed(folder, target)
-  assert {str(x.dtype) for x in jax.tree.leaves(direct)} == {"bfloat16", "float32", "int32"}
-  pointers = [x.addressable_data(0).unsafe_buffer_pointer() for x in jax.tree.leaves(direct)]
-  # The arrays were copied out of the mapped files: no mapping of them is left behind.
-  with open("/proc/self/maps") as f:
-    assert str(folder) not in f.read()
-  by_orbax = ocp.StandardCheckpointHandler().restore(folder, args=ocp.args.StandardRestore(target))
-  leaves, treedef = jax.tree.flatten(direct)
-  assert treedef == jax.tree.structure(by_orbax) and len(leaves) > 10
-  for got, want, abstract in zip(leaves, jax.tree.leaves(by_orbax), jax.tree.leaves(target)):
-    assert got.dtype == want.dtype == abstract.dtype and got.sharding == abstract.sharding
-    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-
-  # Host (numpy) leaves stay numpy, as Orbax gives them; a tree that differs goes to Orbax.
-  host = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), target.opt_state)
-  mixed = train.read_uncompressed(folder, target.replace(opt_state=host))
-  assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(mixed.opt_state))
-  assert train.read_uncompressed(folder, target.params) is None
-  wider = jax.ShapeDtypeStruct((2, *target.step.shape), target.step.dtype,
-                               sharding=target.step.sharding)
-  assert train.read_uncompressed(folder, target.replace(step=wider)) is None
-
-  # The donated step runs from the directly read state exactly as from the one in memory.
-  rng = jax.random.key(config.seed)
-  after_direct, _ = step(direct, sharding.to_global(batches[1], mesh), rng)
-  after_memory, _ = step(jax.device_put(state, NamedSharding(mesh, P())),
-                         sharding.to_global(batches[1], mesh), rng)
-  jax.tree.map(np.testing.assert_array_equal, jax.device_get(after_direct),
-               jax.device_get(after_memory))
-  # XLA owns the read buffers, so the step updates the state in them (memory that XLA:CPU only
-  # aliases it cannot donate: a resumed run's first step would allocate a whole new state).
-  reused = {x.addressable_data(0).unsafe_buffer_pointer() for x in jax.tree.leaves(after_direct)}
-  assert len(reused & set(pointers)) >= len(pointers) // 2, (len(reused & set(pointers)), len(pointers))
+  earlier = ocp.CheckpointManager(
+      str(tmp_path / "checkpoints"), options=ocp.CheckpointManagerOptions(create=True),
+      item_handlers=ocp.PyTreeCheckpointHandler(use_ocdbt=False, use_compression=False))
+  earlier.save(3, args=ocp.args.PyTreeSave(state))
+  earlier.wait_until_finished()
+  assert (tmp_path / "checkpoints" / "3" / "default" / "params.decoder.spectrum.kernel"
+          / ".zarray").exists()
+  latest, _ = checkpoint.checkpoint_managers(str(tmp_path), config)
+  restored = restore_or_init(latest, config, mesh)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), jax.device_get(state))
 
 
 def test_checkpoint_of_another_model_is_refused_naming_the_arrays(tmp_path):
@@ -241,100 +185,82 @@ def test_checkpoint_of_another_model_is_refused_naming_the_arrays(tmp_path):
   mesh = sharding.create_mesh()
   model, tx = train.make_model(config), train.make_optimizer(config)
   state = train.init_state(config, model, tx, mesh)
-  latest, _ = train.checkpoint_managers(str(tmp_path / "new"), config)
+  latest, _ = checkpoint.checkpoint_managers(str(tmp_path), config)
   latest.save(1, args=ocp.args.StandardSave(state))
   latest.wait_until_finished()
-  old = ocp.CheckpointManager(str(tmp_path / "old" / "checkpoints"),  # Orbax's defaults: OCDBT.
-                              options=ocp.CheckpointManagerOptions(create=True))
-  old.save(1, args=ocp.args.StandardSave(state))
-  old.wait_until_finished()
 
   wider = tiny_config()
   wider.model.dim = 48
   deeper = tiny_config()
   deeper.model.num_layers = 2
+  for other, expected in [
+      (wider, "params.embed.proj.bias: stored (32,), expected (48,)"),
+      (deeper, "params.encoder.block_1.attn.out.bias: missing from the checkpoint")]:
+    with pytest.raises(checkpoint.CheckpointMismatchError, match="does not fit") as error:
+      restore_or_init(latest, other, mesh)
+    assert expected in error.value.differences
+    message = str(error.value)
+    assert message.startswith(str(tmp_path / "checkpoints" / "1"))
+    assert error.value.differences[0] in message
+    assert f"{len(error.value.differences)} difference(s)" in message
+    assert os.path.join(str(tmp_path), "config.json") in message
+
+  # The differences as listed: none for the state saved, arrays it lacks, arrays it has more.
   target = train.abstract_state(config, model, tx, mesh)
   deeper_target = train.abstract_state(deeper, train.make_model(deeper),
                                        train.make_optimizer(deeper), mesh)
-  for workdir in ("new", "old"):
-    latest, _ = train.checkpoint_managers(str(tmp_path / workdir), config)
-    for other, expected in [
-        (wider, "params.embed.proj.bias: stored (32,), expected (48,)"),
-        (deeper, "params.encoder.block_1.attn.out.bias: missing from the checkpoint")]:
-      model, tx = train.make_model(other), train.make_optimizer(other)
-      with pytest.raises(train.CheckpointMismatchError, match="does not fit") as error:
-        train.restore_or_init(latest, other, model, tx, mesh)
-      assert expected in error.value.differences
-      message = str(error.value)
-      assert message.startswith(str(tmp_path / workdir / "checkpoints" / "1" / "default"))
-      assert error.value.differences[0] in message
-      assert f"{len(error.value.differences)} difference(s)" in message
-      assert os.path.join(str(tmp_path / workdir), "config.json") in message
-    # The differences as listed: none for the state saved, arrays it lacks, arrays it has more.
-    stored = train.CheckpointHandler()._impl.metadata(
-        epath.Path(tmp_path / workdir / "checkpoints" / "1" / "default"))
-    assert train.checkpoint_differences(stored, target) == []
-    assert any(d.endswith("not expected")
-               for d in train.checkpoint_differences(stored, target.replace(
-                   params={k: v for k, v in target.params.items() if k != "redshift"})))
-    assert all(d.endswith("missing from the checkpoint")
-               for d in train.checkpoint_differences(stored, deeper_target))
+  stored = latest.metadata(1).item_metadata
+  assert checkpoint.checkpoint_differences(stored, target) == []
+  assert any(d.endswith("not expected")
+             for d in checkpoint.checkpoint_differences(stored, target.replace(
+                 params={k: v for k, v in target.params.items() if k != "redshift"})))
+  assert all(d.endswith("missing from the checkpoint")
+             for d in checkpoint.checkpoint_differences(stored, deeper_target))
 
   # Only names and shapes must agree: Orbax casts a moment saved in float32 to bfloat16.
   narrower = tiny_config(adam_mu_dtype="bfloat16")
-  latest, _ = train.checkpoint_managers(str(tmp_path / "new"), config)
-  restored = train.restore_or_init(latest, narrower, train.make_model(narrower),
-                                   train.make_optimizer(narrower), mesh)
+  restored = restore_or_init(latest, narrower, mesh)
   assert {str(x.dtype) for x in jax.tree.leaves(restored.opt_state)} == {
       "bfloat16", "float32", "int32"}
 
 
-def test_damaged_checkpoint_is_refused_naming_the_file(tmp_path):
+def test_damaged_checkpoint_is_refused_naming_the_step_to_resume_from(tmp_path):
   config = tiny_config()
   mesh = sharding.create_mesh()
-  model, tx = train.make_model(config), train.make_optimizer(config)
-  state = train.init_state(config, model, tx, mesh)
-  latest, _ = train.checkpoint_managers(str(tmp_path), config)
+  state = train.init_state(config, train.make_model(config), train.make_optimizer(config), mesh)
+  latest, _ = checkpoint.checkpoint_managers(str(tmp_path), config)
   for step in (1, 2):
     latest.save(step, args=ocp.args.StandardSave(state))
   latest.wait_until_finished()
   checkpoints = tmp_path / "checkpoints"
-  folder = checkpoints / "2" / "default"
-  kernel = folder / "params.decoder.spectrum.kernel"
-  chunk = kernel / "0.0"
-  shape = state.params["decoder"]["spectrum"]["kernel"].shape
-  size = chunk.stat().st_size
-  assert size == 4 * np.prod(shape)
+  folder = checkpoints / "2"
 
   def refused():
-    latest, _ = train.checkpoint_managers(str(tmp_path), config)
-    with pytest.raises(train.CheckpointDamagedError) as error:
-      train.restore_or_init(latest, config, model, tx, mesh)
+    latest, _ = checkpoint.checkpoint_managers(str(tmp_path), config)
+    with pytest.raises(checkpoint.CheckpointDamagedError) as error:
+      restore_or_init(latest, config, mesh)
     message = str(error.value)
     assert message.startswith(f"{folder}: the checkpoint is damaged")
-    assert f"Move {checkpoints / '2'} out of {checkpoints} to resume from step 1" in message
+    assert f"Move {folder} out of {checkpoints} to resume from step 1" in message
     return error.value
 
-  # A copy cut short: the file, its size and the size it should have.
-  original = chunk.read_bytes()
-  chunk.write_bytes(original[:100])
-  assert refused().problems == [f"{chunk}: 100 bytes, expected {size} (float32 {shape})"]
-  chunk.write_bytes(original)
-  # An unreadable .zarray; the orbax-format metadata alone is not needed to read the arrays.
-  zarray = (kernel / ".zarray").read_text()
-  (kernel / ".zarray").write_text(zarray[:10])
+  # A copy cut short: the largest file of the step is array data (in Orbax's OCDBT files).
+  data = max((p for p in folder.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+  original = data.read_bytes()
+  data.write_bytes(original[:100])
   (problem,) = refused().problems
-  assert problem.startswith(f"{kernel / '.zarray'}: unreadable (")
-  (kernel / ".zarray").write_text(zarray)
-  metadata = folder / "_METADATA"
+  assert re.search(r'Error reading "params\.[\w.]+/', problem), problem  # TensorStore's words.
+  data.write_bytes(original)
+  # Metadata that does not parse.
+  (metadata,) = folder.rglob("_METADATA")
+  text = metadata.read_text()
   metadata.write_text("{not json")
-  latest, _ = train.checkpoint_managers(str(tmp_path), config)
-  restored = train.restore_or_init(latest, config, model, tx, mesh)
-  jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), jax.device_get(state))
-  # Unreadable metadata where Orbax has to read it (an array's folder is gone).
-  os.rename(kernel, tmp_path / "kernel")
   (problem,) = refused().problems
-  assert problem.startswith(f"{metadata}: unreadable (")
+  assert problem.startswith("unreadable metadata: "), problem
+  metadata.write_text(text)
+  latest, _ = checkpoint.checkpoint_managers(str(tmp_path), config)
+  restored = restore_or_init(latest, config, mesh)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), jax.device_get(state))
 
 
 @pytest.mark.slow
@@ -369,7 +295,7 @@ def test_train_and_evaluate_end_to_end_and_resume(tmp_path):
   # Another model cannot resume it, and the config.json its checkpoints were saved with stays.
   saved = open(os.path.join(workdir, "config.json")).read()
   config.model.dim = 48
-  with pytest.raises(train.CheckpointMismatchError, match=r"To resume .*config\.json"):
+  with pytest.raises(checkpoint.CheckpointMismatchError, match=r"To resume .*config\.json"):
     train.train_and_evaluate(config, workdir)
   assert open(os.path.join(workdir, "config.json")).read() == saved
   assert json.loads(saved)["model"]["dim"] == 32 and json.loads(saved)["num_train_steps"] == 6

@@ -31,6 +31,7 @@ from astra_jax import checkpoint
 from astra_jax import evaluate
 from astra_jax import losses
 from astra_jax.data import MODEL_KEYS
+from astra_jax.data import datasets
 from astra_jax.models import astra as astra_model
 from astra_jax.sharding import DATA_AXIS, create_mesh, replicated, to_global
 
@@ -195,53 +196,6 @@ def evaluate_split(eval_step, params, batches: Iterator[dict], mesh, config) -> 
   return {"loss": float(loss), **{k: float(v) for k, v in parts.items()}}
 
 
-# ---------------------------------------------------------------- data
-
-
-def ensure_dataset(config, workdir: str) -> str:
-  """The prepared dataset directory for `config`, preparing (and mocking) it when needed.
-
-  `config.data_dir` may be a dataset directory (as prepare printed it) or a tfds data_dir holding
-  the `astropixel` config that matches `bands`, `image_size` and `stretch_beta`. With neither
-  `data_dir` nor `raw_dir` set, the default mock survey (`num_galaxies`, `mock_seed`) is generated
-  and prepared once, cached beside the workdir.
-  """
-  from astra_jax.data import prepare as prepare_lib  # pylint: disable=g-import-not-at-top
-  if config.data_dir and os.path.exists(os.path.join(config.data_dir, "dataset_info.json")):
-    return config.data_dir
-  bands = tuple(config.bands.split(","))
-  kwargs = dict(bands=bands, image_size=config.image_size, stretch_beta=config.stretch_beta,
-                num_workers=min(os.cpu_count() or 1, 8))
-  raw_dir, data_dir = config.raw_dir, config.data_dir
-  if not raw_dir:
-    cache = config.mock_cache_dir or os.path.join(
-        os.path.dirname(os.path.abspath(workdir)), "_mock_cache")
-    raw_dir = os.path.join(cache, f"mock-n{config.num_galaxies}-seed{config.mock_seed}")
-    data_dir = data_dir or os.path.join(cache, "tfds")
-    if not os.path.exists(os.path.join(raw_dir, "data.csv")):
-      from astra_jax.data import mock  # pylint: disable=g-import-not-at-top
-      logging.info("Generating the default mock survey (%d galaxies) in %s",
-                   config.num_galaxies, raw_dir)
-      mock.generate_survey(raw_dir, config.num_galaxies, config.mock_seed, progress=True)
-  elif not data_dir:
-    data_dir = os.path.join(os.path.dirname(os.path.abspath(workdir)), "_tfds")
-  summary = prepare_lib.prepare(raw_dir, data_dir, **kwargs)
-  logging.info("Dataset %s: %s", summary["dataset_dir"], json.dumps(summary))
-  return summary["dataset_dir"]
-
-
-def check_dataset(config, dataset_dir: str):
-  """The dataset's stored preprocessing must be the one the config asks for."""
-  from astra_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  meta = pipeline.load_builder(dataset_dir).info.metadata or {}
-  want = dict(bands=config.bands.split(","), image_size=config.image_size,
-              stretch_beta=config.stretch_beta)
-  for key, value in want.items():
-    if key in meta and meta[key] != value:
-      raise ValueError(f"{dataset_dir}: prepared with {key}={meta[key]!r} but config.{key} is "
-                       f"{value!r}")
-
-
 # ---------------------------------------------------------------- config checks
 
 
@@ -323,8 +277,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   validate_config(config)
   os.makedirs(workdir, exist_ok=True)
-  dataset_dir = ensure_dataset(config, workdir)
-  check_dataset(config, dataset_dir)
+  dataset_dir = datasets.ensure_dataset(config, workdir)
+  datasets.check_dataset(config, dataset_dir)
   with config.unlocked():
     config.data_dir = dataset_dir
 

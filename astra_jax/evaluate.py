@@ -303,3 +303,17 @@ def write_results(workdir: str, results: dict[str, dict[str, float]], split: str
   with open(os.path.join(workdir, "results.md"), "w") as f:
     f.write(f"# ASTRA and baselines on the {split} split\n\n{table}\n")
   return table
+
+
+def format_results(results: dict[str, Any]) -> str:
+  """The test-split metrics of ASTRA (`train.train_and_evaluate`'s results), then the table
+  beside the baselines."""
+  scalars = results["scalars"]
+  if not scalars:
+    return "No test split: nothing evaluated."
+  lines = ["Test-split metrics of ASTRA:"]
+  for k in sorted(scalars):
+    lines.append(f"  {k:<32s} {scalars[k]:.5g}")
+  if results.get("table"):
+    lines += ["", results["table"]]
+  return "\n".join(lines)

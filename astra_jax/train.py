@@ -384,15 +384,3 @@ def _check_and_log(step: int, metrics, writer: MetricWriter, bar, config):
   bar.postfix_values["loss"] = f"{values['loss']:.4f}"
   bar.set_postfix(bar.postfix_values, refresh=False)
 
-
-def format_results(results: dict[str, Any]) -> str:
-  """The test-split metrics of ASTRA, then the table beside the baselines."""
-  scalars = results["scalars"]
-  if not scalars:
-    return "No test split: nothing evaluated."
-  lines = ["Test-split metrics of ASTRA:"]
-  for k in sorted(scalars):
-    lines.append(f"  {k:<32s} {scalars[k]:.5g}")
-  if results.get("table"):
-    lines += ["", results["table"]]
-  return "\n".join(lines)

@@ -17,6 +17,7 @@ import jax
 from ml_collections import config_flags
 
 from astra_jax import distributed
+from astra_jax import evaluate
 from astra_jax import train
 
 _CONFIG_PATH = os.path.join(os.path.dirname(__file__), "configs", "baseline.py")
@@ -34,7 +35,7 @@ def main(argv):
                jax.device_count(), jax.default_backend(), jax.process_count())
   results = train.train_and_evaluate(config, _WORKDIR.value)
   if jax.process_index() == 0:
-    print(train.format_results(results))
+    print(evaluate.format_results(results))
 
 
 if __name__ == "__main__":

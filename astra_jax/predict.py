@@ -103,37 +103,15 @@ def find_galaxies(images_dir: str, bands: Iterable[str]) -> tuple[list[Job], lis
   return sorted(jobs, key=lambda j: j.specobj_id), rejections
 
 
-def _band_path(folder: str, specobj_id: str, band: str) -> str:
-  """`folder/{id}_{band}.fits`, or its .fz / .gz sibling when only that exists."""
-  base = os.path.join(folder, f"{specobj_id}_{band}.fits")
-  if not os.path.exists(base):
-    for alt in (base + ".fz", base + ".gz"):
-      if os.path.exists(alt):
-        return alt
-  return base
-
-
 def read_cutouts(job: Job, bands: tuple[str, ...]) -> tuple[np.ndarray, tuple]:
-  """(images (bands, H, W) float32 linear flux, headers) of one job, bands in the given order.
+  """(images (bands, H, W) float32 linear flux, fits.Headers) of one job, bands in the given
+  order (`fits_io.band_file` in the job's folder).
 
   Raises fits_io.InputError as `fits_io.read_images` does (MISSING_BAND, UNREADABLE_FITS,
   NO_IMAGE, INCONSISTENT_SHAPES), for either layout.
   """
-  images, headers = None, []
-  for k, band in enumerate(bands):
-    path = _band_path(job.folder, job.specobj_id, band)
-    slot = None if images is None else images[k]
-    image, header = fits_io.read_image(path, out=slot)
-    if images is None:
-      images = np.empty((len(bands),) + image.shape, np.float32)
-      images[0] = image
-    elif image is not slot:  # Not decoded in place: another shape, or astropy's path.
-      if image.shape != images.shape[1:]:
-        raise fits_io.InputError(path, fits_io.INCONSISTENT_SHAPES,
-                                 detail=f"{band}: {image.shape} vs {bands[0]}: {images.shape[1:]}")
-      images[k] = image
-    headers.append(header)
-  return images, tuple(headers)
+  paths = [fits_io.band_file(job.folder, job.specobj_id, band) for band in bands]
+  return fits_io.read_bands(paths, bands)
 
 
 def check_shape(shape: tuple[int, int], config: examples.ExampleConfig, resize: str,

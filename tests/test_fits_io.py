@@ -182,6 +182,7 @@ def test_fits_round_trip(tmp_path):
   assert header["EXPTIME"] == 100.0 and header["MAGZERO"] == pytest.approx(30.0)
   assert header["BUNIT"] == "DN" and header["FILTER"] == "g.00000"
   assert (header["NAXIS1"], header["NAXIS2"]) == (10, 12)
+  assert preprocess.zero_point(header) == pytest.approx(30.0)
 
 
 def test_read_image_scaled_integers_and_blank(tmp_path):
@@ -205,26 +206,6 @@ def test_read_image_in_extension_or_compressed(tmp_path):
     image, header = fits_io.read_image(tmp_path / name)
     np.testing.assert_array_equal(image, data)
     assert header["EXPTIME"] == 100.0
-
-
-def test_read_image_header_keys(tmp_path):
-  # Only the keys asked for, as a dict with the values astropy gives them, from the fast path
-  # (plain primary HDU) and from astropy's (a tile-compressed extension) alike.
-  data = np.random.default_rng(3).normal(size=(8, 6)).astype(np.float32)
-  plain = write_image(tmp_path / "p.fits", data)
-  fits.HDUList([fits.PrimaryHDU(), fits.CompImageHDU(data, _header(), compression_type="GZIP_2",
-                                                     quantize_level=0.0)]).writeto(
-                                                         tmp_path / "c.fits")
-  keys = ("MAGZERO", "EXPTIME", "FILTER", "SKYSIG")  # SKYSIG: not in these headers.
-  for path in (plain, tmp_path / "c.fits"):
-    image, header = fits_io.read_image(path, header_keys=keys)
-    np.testing.assert_array_equal(image, data)
-    full = fits_io.read_image(path)[1]
-    assert header == {k: full[k] for k in keys[:3]}, path
-    assert isinstance(header["MAGZERO"], float) and header["FILTER"] == "g.00000"
-  assert preprocess.zero_point(header) == pytest.approx(30.0)
-  with pytest.raises(ValueError, match="standard FITS keywords"):
-    fits_io.read_image(plain, header_keys=("HIERARCH FPA.ZP",))
 
 
 def test_read_image_missing_garbage_truncated(tmp_path):
@@ -388,21 +369,6 @@ def test_read_sdss_spec(tmp_path, upper, named):
   np.testing.assert_array_equal(weight[:97][np.arange(97) != 7], 4.0)
   np.testing.assert_array_equal(flux_g[:97], np.where(np.arange(97) == 7, 0, spec.flux[3:]))
   assert preprocess.count_valid(weight) == 96
-
-
-def test_read_sdss_spec_fast_path_matches_astropy(tmp_path, monkeypatch):
-  loglam = 3.5797 + 1e-4 * np.arange(30)
-  rng = np.random.default_rng(3)
-  path = write_lite_spec(tmp_path / "spec-x.fits", loglam, rng.normal(size=30),
-                         rng.uniform(1, 2, 30), rng.integers(0, 2, 30).astype(np.int32), z=0.5)
-  assert fits_io._read_lite_fast(path) is not None  # the usual layout does take the fast path
-  fast = fits_io.read_sdss_spec(path)
-  monkeypatch.setattr(fits_io, "_read_lite_fast", lambda path: None)
-  slow = fits_io.read_sdss_spec(path)
-  for field in ("wavelength", "flux", "ivar", "and_mask"):
-    np.testing.assert_array_equal(getattr(fast, field), getattr(slow, field))
-    assert getattr(fast, field).dtype == getattr(slow, field).dtype
-  assert fast.z == slow.z == pytest.approx(0.5)
 
 
 def test_read_sdss_spec_errors(tmp_path):

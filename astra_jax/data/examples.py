@@ -77,8 +77,7 @@ def image_example(images: np.ndarray, config, path: str) -> np.ndarray:
 def galaxy_example(galaxy_dir: str, row: fits_io.CatalogRow, config) -> dict:
   """One raw galaxy folder -> the feature dict. Raises `fits_io.InputError` with the reason."""
   galaxy = fits_io.read_galaxy(galaxy_dir, bands=config.bands, row=row,
-                               image_shape=(RAW_IMAGE_SIZE, RAW_IMAGE_SIZE),
-                               header_keys=preprocess.ZERO_POINT_KEYS)
+                               image_shape=(RAW_IMAGE_SIZE, RAW_IMAGE_SIZE))
   spectrum = galaxy.spectrum
   if spectrum is None:
     raise fits_io.InputError(galaxy_dir, "missing spectrum")

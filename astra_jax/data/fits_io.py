@@ -115,7 +115,7 @@ class Galaxy:
   """Everything read for one galaxy.
 
   images: (len(bands), H, W) float32 linear flux, bands in the order of `bands`.
-  headers: per band, an astropy `fits.Header`, or a dict of the keys asked for (`header_keys`).
+  headers: per band, the astropy `fits.Header`.
   spectrum: None only if read with require_spectrum=False and none was found.
   row: the data.csv row passed in (None if none).
   path: the galaxy directory.
@@ -214,150 +214,50 @@ def read_catalog(path) -> list:
 
 # --------------------------------------------------------------------------- FITS images
 
-_BITPIX_DTYPES = {8: ">u1", 16: ">i2", 32: ">i4", 64: ">i8", -32: ">f4", -64: ">f8"}
-_CARD = 80
-_BLOCK = 2880
-_FAST_KEYS = (b"BITPIX", b"NAXIS", b"NAXIS1", b"NAXIS2", b"NAXIS3", b"BSCALE", b"BZERO",
-              b"BLANK", b"GROUPS")
+
+def _first_image(hdul):
+  """(data (H, W) float32, header) of the first HDU with 2-D data, or None: the primary, an image
+  extension or a tile-compressed one; a (1, H, W) cube counts as 2-D."""
+  for hdu in hdul:
+    if not isinstance(hdu, (fits.PrimaryHDU, fits.ImageHDU, fits.CompImageHDU)):
+      continue
+    data = hdu.data
+    if data is None:
+      continue
+    if data.ndim > 2 and all(n == 1 for n in data.shape[:-2]):
+      data = data.reshape(data.shape[-2:])
+    if data.ndim == 2 and data.size > 0:
+      return data.astype(np.float32), hdu.header
+  return None
 
 
-def _card_number(card: bytes):
-  value = card[10:].split(b"/", 1)[0].strip()
-  return float(value) if b"." in value or b"E" in value.upper() else int(value)
+def read_image(path):
+  """Reads a PS1 cutout with astropy: (image (H, W) float32 linear flux, fits.Header).
 
-
-def _read_primary_fast(f, out: Optional[np.ndarray] = None,
-                       header_keys: Optional[Sequence[str]] = None):
-  """Decodes a plain uncompressed 2-D primary HDU from open binary file `f`; None when the file
-  needs astropy (other layouts, or not FITS at all: astropy then names the problem).
-
-  Astropy's generic open costs ~1.2 ms per cutout (6 ms per galaxy); this costs ~0.35 ms and
-  handles only the layout of PS1 stack cutouts and the mock. Returns (data (H, W) float32,
-  header), data being `out` itself when it is a C-contiguous float32 array of the image's
-  shape and the image is unscaled float32; header a fits.Header, or with `header_keys` (standard
-  keywords) a dict of those present, whose cards alone are parsed (a whole fits.Header takes
-  ~0.17 ms for the mock's 31 cards, more for a survey's longer headers). Raises ValueError when
-  the header is complete but the data are cut short.
+  The first HDU with 2-D data (primary, image extension, tile-compressed .fits.fz, gzipped
+  .fits.gz); integer images come scaled by BSCALE/BZERO, BLANK pixels NaN. Raises InputError:
+  MISSING_BAND (no file), UNREADABLE_FITS (not FITS, truncated), NO_IMAGE.
   """
-  wanted = None if header_keys is None else {k.encode("ascii") for k in header_keys}
-  picked = {}
-  keys = {}
-  head = b""
-  end = None
-  while end is None:
-    block = f.read(_BLOCK)
-    if not head and (not block.startswith(b"SIMPLE  =") or block[10:30].strip() != b"T"):
-      return None
-    if len(block) < _BLOCK or len(head) > 100 * _BLOCK:
-      return None  # Truncated header, or absurdly long: astropy decides.
-    for pos in range(0, _BLOCK, _CARD):
-      card = block[pos:pos + _CARD]
-      key = card[:8].rstrip()
-      if key == b"END":
-        end = len(head) + pos + _CARD
-        break
-      if key in _FAST_KEYS and card[8:10] == b"= ":
-        try:
-          keys[key.decode()] = _card_number(card)
-        except ValueError:
-          return None
-      if wanted is not None and key in wanted and card[8:10] == b"= ":  # The first one counts.
-        picked.setdefault(key.decode(), fits.Card.fromstring(card.decode("ascii", "replace")).value)
-    head += block
-  naxis = keys.get("NAXIS", 0)
-  if "GROUPS" in keys or naxis not in (2, 3) or keys.get("BITPIX") not in _BITPIX_DTYPES:
-    return None
-  shape = tuple(int(keys.get(f"NAXIS{k}", 0)) for k in range(naxis, 0, -1))
-  if naxis == 3 and shape[0] != 1:
-    return None
-  shape = shape[-2:]
-  if min(shape) <= 0:
-    return None
-  dtype = np.dtype(_BITPIX_DTYPES[keys["BITPIX"]])
-  data_start = len(head)  # Header blocks consumed so far; the data start right after.
-  if os.fstat(f.fileno()).st_size < data_start + dtype.itemsize * shape[0] * shape[1]:
-    raise ValueError("truncated")  # Checked before allocating: a corrupt NAXIS can be huge.
-  bscale, bzero = keys.get("BSCALE", 1), keys.get("BZERO", 0)
-  direct = (out is not None and out.dtype == np.float32 and out.shape == shape
-            and out.flags.c_contiguous and keys["BITPIX"] == -32 and (bscale, bzero) == (1, 0))
-  data = out.view(dtype) if direct else np.empty(shape, dtype)  # Saves a copy per band.
-  if f.readinto(data.view(np.uint8).reshape(-1)) < data.nbytes:
-    raise ValueError("truncated")
-  data = data.byteswap(inplace=True).view(dtype.newbyteorder("="))  # Big-endian on disk.
-  if keys["BITPIX"] > 0:  # Integer image: apply BLANK and the linear scaling in float.
-    out = data.astype(np.float64) * bscale + bzero
-    if "BLANK" in keys:
-      out[data == keys["BLANK"]] = np.nan
-    data = out
-  elif (bscale, bzero) != (1, 0):
-    data = data.astype(np.float64) * bscale + bzero
-  if wanted is None:
-    header = fits.Header.fromstring(head[:end].decode("ascii", errors="replace"))
-  else:
-    header = picked
-  return (out if direct else data.astype(np.float32, copy=False)), header
-
-
-def _read_image_astropy(path: str):
-  """First HDU with 2-D data (primary, image extension or tile-compressed), via astropy."""
+  path = os.fspath(path)
   try:
     with warnings.catch_warnings(record=True) as caught:
       warnings.simplefilter("always")
-      with fits.open(path, memmap=False) as hdul:
-        for hdu in hdul:
-          if not isinstance(hdu, (fits.PrimaryHDU, fits.ImageHDU, fits.CompImageHDU)):
-            continue
-          data = hdu.data
-          if data is None:
-            continue
-          data = np.asarray(data)
-          if data.ndim > 2 and all(n == 1 for n in data.shape[:-2]):  # (1, H, W) cubes.
-            data = data.reshape(data.shape[-2:])
-          if data.ndim == 2 and data.size > 0:
-            return data.astype(np.float32), hdu.header.copy()
-  except InputError:
-    raise
+      with fits.open(path) as hdul:
+        found = _first_image(hdul)
+  except FileNotFoundError:
+    raise InputError(path, MISSING_BAND) from None
   except Exception as e:  # astropy raises OSError, ValueError, TypeError, ... on bad files.
     raise InputError(path, UNREADABLE_FITS, detail=f"{type(e).__name__}: {e}") from None
   if any("truncated" in str(w.message) for w in caught):
     raise InputError(path, UNREADABLE_FITS, detail="truncated")
-  raise InputError(path, NO_IMAGE)
+  if found is None:
+    raise InputError(path, NO_IMAGE)
+  return found
 
 
-def read_image(path, out: Optional[np.ndarray] = None,
-               header_keys: Optional[Sequence[str]] = None):
-  """Reads a PS1 cutout: (image (H, W) float32 linear flux, header).
-
-  Plain primary-HDU images take a fast path; anything else (image in HDU 1, tile compression,
-  gzip) goes through astropy, taking the first HDU with 2-D data. `out` (optional, (H, W)
-  float32) is filled and returned as the image when the fast path can decode into it. header:
-  the astropy fits.Header, or with `header_keys` (standard 8-character keywords) a dict of those
-  of them that the header has. Raises InputError: MISSING_BAND (no file), UNREADABLE_FITS
-  (garbage, truncated), NO_IMAGE.
-  """
-  path = os.fspath(path)
-  if header_keys is not None and not all(k == k.upper() and len(k) <= 8 for k in header_keys):
-    raise ValueError(f"header_keys must be standard FITS keywords, got {header_keys}")
-  try:
-    with open(path, "rb") as f:
-      fast = _read_primary_fast(f, out, header_keys)
-  except FileNotFoundError:
-    raise InputError(path, MISSING_BAND) from None
-  except ValueError:
-    raise InputError(path, UNREADABLE_FITS, detail="truncated") from None
-  except OSError as e:
-    raise InputError(path, UNREADABLE_FITS, detail=str(e)) from None
-  if fast is not None:
-    return fast
-  image, header = _read_image_astropy(path)
-  if header_keys is not None:
-    header = {k: header[k] for k in header_keys if k in header}
-  return image, header
-
-
-def band_path(galaxy_dir, specobj_id: str, band: str) -> str:
-  """Path of one band's cutout; falls back to .fits.fz / .fits.gz when the .fits is absent."""
-  base = os.path.join(os.fspath(galaxy_dir), "images", f"{specobj_id}_{band}.fits")
+def band_file(folder, specobj_id: str, band: str) -> str:
+  """`folder/{specobj_id}_{band}.fits`, or its .fits.fz / .fits.gz sibling when only that exists."""
+  base = os.path.join(os.fspath(folder), f"{specobj_id}_{band}.fits")
   if not os.path.exists(base):
     for alt in (base + ".fz", base + ".gz"):
       if os.path.exists(alt):
@@ -365,35 +265,43 @@ def band_path(galaxy_dir, specobj_id: str, band: str) -> str:
   return base
 
 
+def band_path(galaxy_dir, specobj_id: str, band: str) -> str:
+  """Path of one band's cutout in a Galaxy_ folder: `band_file` of its images/ folder."""
+  return band_file(os.path.join(os.fspath(galaxy_dir), "images"), specobj_id, band)
+
+
+def read_bands(paths: Sequence[str], bands: Sequence[str],
+               shape: Optional[Sequence[int]] = None):
+  """Reads one cutout per band: (images (len(bands), H, W) float32, tuple of fits.Headers).
+
+  `paths[k]` holds band `bands[k]`; the images are stacked in that order. Raises InputError as
+  `read_image` does, WRONG_SHAPE (the first band's differs from `shape` = (H, W) when given) and
+  INCONSISTENT_SHAPES (a later band's differs from the first's).
+  """
+  if not bands:
+    raise ValueError("no bands requested")
+  images, headers = [], []
+  for band, path in zip(bands, paths, strict=True):
+    image, header = read_image(path)
+    if not images and shape is not None and image.shape != tuple(shape):
+      raise InputError(path, WRONG_SHAPE, detail=f"{image.shape}, expected {tuple(shape)}")
+    if images and image.shape != images[0].shape:
+      raise InputError(path, INCONSISTENT_SHAPES,
+                       detail=f"{band}: {image.shape} vs {bands[0]}: {images[0].shape}")
+    images.append(image)
+    headers.append(header)
+  return np.stack(images), tuple(headers)
+
+
 def read_images(galaxy_dir, specobj_id: str, bands: Sequence[str] = grid.PS1_BANDS,
-                shape: Optional[Sequence[int]] = None,
-                header_keys: Optional[Sequence[str]] = None):
-  """Reads all bands: (images (len(bands), H, W) float32, tuple of headers as `read_image`
-  returns them: fits.Header, or dicts of `header_keys`).
+                shape: Optional[Sequence[int]] = None):
+  """Reads all bands of a Galaxy_ folder (`band_path`): `read_bands`'s (images, headers).
 
   Bands are stacked in the order given (never directory-listing order). Raises InputError:
   MISSING_BAND, UNREADABLE_FITS, NO_IMAGE, INCONSISTENT_SHAPES (bands differ), WRONG_SHAPE
   (differs from `shape` = (H, W) when given).
   """
-  images, headers = None, []
-  for k, band in enumerate(bands):
-    path = band_path(galaxy_dir, specobj_id, band)
-    slot = None if images is None else images[k]
-    image, header = read_image(path, out=slot, header_keys=header_keys)
-    if images is None:
-      if shape is not None and image.shape != tuple(shape):
-        raise InputError(path, WRONG_SHAPE, detail=f"{image.shape}, expected {tuple(shape)}")
-      images = np.empty((len(bands),) + image.shape, np.float32)
-      images[0] = image
-    elif image is not slot:  # Decoded elsewhere (astropy path or a different shape).
-      if image.shape != images.shape[1:]:
-        raise InputError(path, INCONSISTENT_SHAPES,
-                         detail=f"{band}: {image.shape} vs {bands[0]}: {images.shape[1:]}")
-      images[k] = image
-    headers.append(header)
-  if images is None:
-    raise ValueError("no bands requested")
-  return images, tuple(headers)
+  return read_bands([band_path(galaxy_dir, specobj_id, b) for b in bands], bands, shape)
 
 
 def image_ra_dec(header, shape: Optional[Sequence[int]] = None):
@@ -483,115 +391,6 @@ def read_spectrum_csv(path) -> Spectrum:
 
 
 _LITE_COLUMNS = ("flux", "loglam", "ivar", "and_mask")  # COADD columns read; flux, loglam required
-_TFORM = re.compile(r"\s*(\d*)\s*([LXBIJKAEDCMPQ])")
-_TFORM_BYTES = {"L": 1, "B": 1, "I": 2, "J": 4, "K": 8, "A": 1, "E": 4, "D": 8, "C": 8, "M": 16,
-                "P": 8, "Q": 16}
-_TFORM_DTYPES = {"B": "u1", "I": ">i2", "J": ">i4", "K": ">i8", "E": ">f4", "D": ">f8"}
-
-
-def _card_value(text: str):
-  """Value of a header card (text after '= '): str (quotes removed), int or float."""
-  text = text.strip()
-  if text.startswith("'"):
-    return text[1:].split("'", 1)[0].rstrip()  # Good enough: no '' escapes in the keys used.
-  value = text.split("/", 1)[0].strip()
-  return float(value) if "." in value or "E" in value.upper() else int(value)
-
-
-def _read_header_cards(f) -> dict:
-  """Keyword -> raw value text of the next HDU header in binary file `f` (positioned at it)."""
-  cards = {}
-  for _ in range(1000):
-    block = f.read(_BLOCK)
-    if len(block) < _BLOCK:
-      raise ValueError("truncated header")
-    for pos in range(0, _BLOCK, _CARD):
-      card = block[pos:pos + _CARD].decode("ascii", errors="replace")
-      key = card[:8].rstrip()
-      if key == "END":
-        return cards
-      if card[8:10] == "= ":
-        cards.setdefault(key, card[10:])
-  raise ValueError("header too long")
-
-
-def _hdu_data_bytes(cards: dict) -> int:
-  """Bytes of the HDU's data + heap, padded to whole FITS blocks."""
-  naxis = _card_value(cards.get("NAXIS", "0"))
-  if naxis == 0:
-    return 0
-  size = abs(_card_value(cards["BITPIX"])) // 8
-  for k in range(1, naxis + 1):
-    size *= _card_value(cards[f"NAXIS{k}"])
-  size += _card_value(cards.get("PCOUNT", "0"))
-  return -(-size // _BLOCK) * _BLOCK
-
-
-def _bintable_fast(f, cards: dict, wanted: Sequence[str]):
-  """({lower name: native (rows,) array} for the `wanted` scalar columns present, all column
-  names), reading the table data from `f`; None if a wanted column needs astropy."""
-  ncols = _card_value(cards["TFIELDS"])
-  rowbytes, nrows = _card_value(cards["NAXIS1"]), _card_value(cards["NAXIS2"])
-  names, layout, offset = [], {}, 0
-  for k in range(1, ncols + 1):
-    name = _card_value(cards.get(f"TTYPE{k}", "''"))
-    m = _TFORM.match(_card_value(cards[f"TFORM{k}"]))
-    if m is None:
-      return None
-    repeat, code = int(m.group(1) or 1), m.group(2)
-    width = -(-repeat // 8) if code == "X" else repeat * _TFORM_BYTES[code]
-    names.append(name)
-    if name.lower() in wanted:
-      scaled = f"TSCAL{k}" in cards or f"TZERO{k}" in cards
-      if repeat != 1 or code not in _TFORM_DTYPES or scaled:
-        return None
-      layout[name.lower()] = (_TFORM_DTYPES[code], offset)
-    offset += width
-  if offset != rowbytes:
-    return None
-  data = f.read(rowbytes * nrows)
-  if len(data) < rowbytes * nrows:
-    return None  # Truncated: astropy words the error.
-  columns = {}
-  for name, (dtype, start) in layout.items():
-    column = np.ndarray((nrows,), np.dtype(dtype), data, start, (rowbytes,))
-    columns[name] = column.astype(np.dtype(dtype).newbyteorder("="))
-  return columns, names
-
-
-def _read_lite_fast(path: str):
-  """(COADD columns, COADD names, SPALL columns or None) for a plain lite file whose HDU 1 is
-  the COADD table and HDU 2 (if any) SPALL; None for any other layout (astropy reads it).
-
-  fits.open + BinTableHDU cost ~10 ms per file; this ~0.3 ms.
-  """
-  try:
-    with open(path, "rb") as f:
-      cards = _read_header_cards(f)
-      if cards.get("SIMPLE", "").strip()[:1] != "T":
-        return None
-      f.seek(_hdu_data_bytes(cards), os.SEEK_CUR)
-      tables = []
-      for index, name in ((1, "COADD"), (2, "SPALL")):
-        start = f.tell()
-        if not f.read(1):
-          break  # No more HDUs.
-        f.seek(start)
-        cards = _read_header_cards(f)
-        extname = _card_value(cards.get("EXTNAME", "''")).upper()
-        if _card_value(cards.get("XTENSION", "''")) != "BINTABLE" or extname not in (name, ""):
-          return None
-        data_start = f.tell()
-        table = _bintable_fast(f, cards, _LITE_COLUMNS if index == 1 else ("z",))
-        if table is None:
-          return None
-        tables.append(table)
-        f.seek(data_start + _hdu_data_bytes(cards))
-  except (ValueError, KeyError, OSError):
-    return None
-  if not tables:
-    return None
-  return tables[0][0], tables[0][1], tables[1][0] if len(tables) > 1 else None
 
 
 def _table_hdu(hdul, name: str, index: int):
@@ -615,11 +414,12 @@ def _table_columns(hdu, wanted: Sequence[str]) -> dict:
   return columns
 
 
-def _read_lite_astropy(path: str):
-  """As _read_lite_fast, via astropy, for any layout; COADD None if the file has no table."""
+def _read_lite_tables(path: str):
+  """(COADD columns, COADD column names, SPALL columns or None) of a lite file; COADD None when
+  the file has no table. Raises ValueError("truncated") for a file cut short."""
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
-    with fits.open(path, memmap=False) as hdul:
+    with fits.open(path) as hdul:
       coadd = _table_hdu(hdul, "COADD", 1)
       if coadd is None:
         return None, [], None
@@ -632,25 +432,21 @@ def _read_lite_astropy(path: str):
 
 
 def read_sdss_spec(path) -> Spectrum:
-  """Reads an SDSS DR16 lite spec-PPPP-MMMMM-FFFF.fits.
+  """Reads an SDSS DR16 lite spec-PPPP-MMMMM-FFFF.fits with astropy.
 
   HDU `COADD` (else HDU 1): wavelength = 10**loglam Angstrom (float64), flux, ivar, and_mask
   (column names in any case). HDU `SPALL` (else HDU 2): z = first row's Z (NaN if absent).
-  flux and loglam are required; ivar, and_mask may be absent (None). The usual layout takes a
-  fast path (~0.3 ms), others astropy (~10 ms). Raises InputError: MISSING_SPECTRUM,
-  UNREADABLE_FITS, MISSING_COLUMNS (no COADD table or no flux/loglam), EMPTY_SPECTRUM,
-  NON_FINITE_WAVELENGTH, NON_MONOTONIC, DUPLICATED_WAVELENGTH.
+  flux and loglam are required; ivar, and_mask may be absent (None). Raises InputError:
+  MISSING_SPECTRUM, UNREADABLE_FITS, MISSING_COLUMNS (no COADD table or no flux/loglam),
+  EMPTY_SPECTRUM, NON_FINITE_WAVELENGTH, NON_MONOTONIC, DUPLICATED_WAVELENGTH.
   """
   path = os.fspath(path)
-  if not os.path.exists(path):
-    raise InputError(path, MISSING_SPECTRUM)
-  tables = _read_lite_fast(path)
-  if tables is None:
-    try:
-      tables = _read_lite_astropy(path)
-    except Exception as e:  # astropy raises OSError, ValueError, TypeError, ... on bad files.
-      raise InputError(path, UNREADABLE_FITS, detail=f"{type(e).__name__}: {e}") from None
-  coadd, coadd_names, spall = tables
+  try:
+    coadd, coadd_names, spall = _read_lite_tables(path)
+  except FileNotFoundError:
+    raise InputError(path, MISSING_SPECTRUM) from None
+  except Exception as e:  # astropy raises OSError, ValueError, TypeError, ... on bad files.
+    raise InputError(path, UNREADABLE_FITS, detail=f"{type(e).__name__}: {e}") from None
   if coadd is None:
     raise InputError(path, MISSING_COLUMNS, detail="no COADD table")
   if "flux" not in coadd or "loglam" not in coadd:
@@ -692,11 +488,8 @@ _GALAXY_DIR = re.compile(r"Galaxy_'?(\d+)'?$")
 def read_galaxy(galaxy_dir, bands: Sequence[str] = grid.PS1_BANDS,
                 row: Optional[CatalogRow] = None,
                 image_shape: Optional[Sequence[int]] = None,
-                require_spectrum: bool = True,
-                header_keys: Optional[Sequence[str]] = None) -> Galaxy:
+                require_spectrum: bool = True) -> Galaxy:
   """Reads one Galaxy_{id} folder: images (all `bands`) and spectrum (`find_spectrum`).
-
-  headers: whole fits.Headers, or dicts of `header_keys` (see `read_image`).
 
   specobj_id comes from `row` when given, else from the folder name. Raises InputError as
   read_images / read_spectrum_csv / read_sdss_spec do, and MISSING_SPECTRUM (path: the folder's
@@ -711,7 +504,7 @@ def read_galaxy(galaxy_dir, bands: Sequence[str] = grid.PS1_BANDS,
     if m is None:
       raise InputError(galaxy_dir, MISSING_FILE, detail="folder name is not Galaxy_{specobj_id}")
     specobj_id = m.group(1)
-  images, headers = read_images(galaxy_dir, specobj_id, bands, image_shape, header_keys)
+  images, headers = read_images(galaxy_dir, specobj_id, bands, image_shape)
   spec_path = find_spectrum(galaxy_dir)
   if spec_path is None:
     if require_spectrum:

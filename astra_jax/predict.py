@@ -38,6 +38,7 @@ import dataclasses
 import itertools
 import json
 import math
+import multiprocessing
 import os
 import re
 import time
@@ -46,7 +47,6 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from astra_jax import grid
-from astra_jax import hugepages
 from astra_jax.data import examples
 from astra_jax.data import fits_io
 
@@ -206,11 +206,8 @@ class Reader:
     self._pool = None
     if num_workers > 0:
       # Spawn, not fork: this process holds XLA's threads, and a forked copy of them can hang.
-      # The readers keep freed memory as prepare's do (without huge pages, end to end 36-42 ->
-      # 38-44 galaxies/s/core, four alternating benchmark runs each), and start without glibc's
-      # huge-page tunable, as prepare's do (see astra_jax.hugepages).
       self._pool = concurrent.futures.ProcessPoolExecutor(
-          num_workers, mp_context=hugepages.spawn_context(), initializer=examples.keep_freed_memory)
+          num_workers, mp_context=multiprocessing.get_context("spawn"))
       self._ahead = 2 * num_workers
       self._submit()
 

@@ -112,22 +112,3 @@ def test_environ_without_tunable_keeps_the_other_tunables():
   assert hugepages.environ_without_tunable({"HOME": "/h"}) == {"HOME": "/h"}
   assert env["GLIBC_TUNABLES"].endswith(hugepages.TUNABLE)  # The argument is left as it was.
 
-
-def test_reader_processes_start_without_the_tunable(monkeypatch):
-  # A huge-page process (an entry point, or Jupyter started with the tunable) preparing data or
-  # predicting: its readers, prepare's pool and predict's, start without it; it keeps it.
-  from astra_jax import predict  # pylint: disable=g-import-not-at-top
-  from astra_jax.data import examples  # pylint: disable=g-import-not-at-top
-  parent = f"glibc.malloc.arena_max=4:{hugepages.TUNABLE}"
-  monkeypatch.setenv("GLIBC_TUNABLES", parent)
-  with examples.reader_pool(2) as pool:
-    assert os.environ["GLIBC_TUNABLES"] == parent
-    seen = set(pool.map(os.getenv, ["GLIBC_TUNABLES"] * 8, chunksize=1))
-  assert seen == {"glibc.malloc.arena_max=4"}
-  monkeypatch.setenv("GLIBC_TUNABLES", hugepages.TUNABLE)
-  # predict's executor starts its workers on demand: the first when a task comes.
-  with predict.Reader([], None, "reject", num_workers=1) as reader:
-    pool = reader._pool  # pylint: disable=protected-access
-    tunables = pool.submit(os.getenv, "GLIBC_TUNABLES").result()
-    assert os.environ["GLIBC_TUNABLES"] == hugepages.TUNABLE
-  assert tunables is None

@@ -1,17 +1,12 @@
 """Raw ASTROPIXEL folder -> tfds shards: every galaxy written or rejected with its reason."""
 
 import csv
-import functools
 import json
-import multiprocessing
 import multiprocessing.pool
 import os
-import resource
 import shutil
 import subprocess
 import sys
-import tempfile
-import threading
 import time
 
 import numpy as np
@@ -235,47 +230,24 @@ def test_reader_processes_do_not_import_tensorflow(survey):
   assert loaded == []
 
 
-def _faults_of_fresh_blocks(n=20, blocks=4, nbytes=2 << 20):
-  """Minor page faults of `n` rounds of filling `blocks` arrays of `nbytes` at once and freeing
-  them (what a galaxy's arrays do), after a first such round."""
-  def one_round():
-    arrays = [np.ones(nbytes // 4, np.float32) for _ in range(blocks)]
-    del arrays
-  one_round()
-  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-  for _ in range(n):
-    one_round()
-  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-
-
-def test_reader_processes_keep_freed_memory():
-  # A galaxy's arrays (a few of 1.7 MB at once) outgrow glibc's default trim threshold: without
-  # the reader pool's initializer each galaxy's are faulted in anew (512 faults per 2 MB with
-  # 4 KiB pages, one with huge pages); with it, after the first galaxy, none.
-  with examples.reader_pool(1) as pool:
-    kept = pool.apply(_faults_of_fresh_blocks)
-  with multiprocessing.get_context("spawn").Pool(1) as pool:
-    fresh = pool.apply(_faults_of_fresh_blocks)
-  assert fresh >= 20 and kept * 10 < fresh, (kept, fresh)
-
-
-def test_shared_results_bounds_the_jobs_ahead_of_a_slow_consumer():
+def test_imap_bounded_keeps_order_and_bounds_the_jobs_ahead_of_a_slow_consumer():
   # A writer slower than the readers: plain imap lets all 40 jobs run ahead; this keeps the pool
-  # at most `ahead` jobs past what the consumer has taken.
+  # at most `ahead` jobs past what the consumer has taken, and yields in the jobs' order.
   started = []
 
   def read(job):
     started.append(job)
+    time.sleep(0.001 * (job % 3))  # Finishing out of order.
     return job, np.full(1 << 16, job, np.float32)  # A result worth holding back: 256 KB.
 
   ahead, leads, out = 6, [], []
   with multiprocessing.pool.ThreadPool(2) as pool:
-    for job, array in examples.shared_results(pool, read, range(40), ahead=ahead, chunksize=2):
+    for job, array in examples.imap_bounded(pool, read, range(40), ahead=ahead):
       out.append(job)
       assert array[0] == job
       time.sleep(0.005)  # Serialising and writing the example.
       leads.append(len(started) - len(out))
-    assert sorted(out) == list(range(40)) and len(started) == 40
+    assert out == list(range(40)) and len(started) == 40
     assert max(leads) <= ahead and max(leads) >= ahead - 2, leads  # Bounded, yet kept busy.
     with multiprocessing.pool.ThreadPool(2) as unbounded:
       started.clear()
@@ -284,106 +256,3 @@ def test_shared_results_bounds_the_jobs_ahead_of_a_slow_consumer():
         if k == 5:
           assert len(started) > 5 + ahead  # What the bound is for.
           break
-
-
-def test_shared_results_reads_here_while_no_worker_result_waits():
-  # One slow worker: the consuming thread reads most jobs itself rather than wait, every job is
-  # read once, and none is lost at the ends of the stream.
-  here = threading.get_ident()
-
-  def read(job):
-    time.sleep(0.02)
-    return job, threading.get_ident() == here
-
-  with multiprocessing.pool.ThreadPool(1) as pool:
-    results = list(examples.shared_results(pool, read, range(30), ahead=4, chunksize=2))
-  assert sorted(job for job, _ in results) == list(range(30))
-  by_this_thread = sum(local for _, local in results)
-  assert 10 <= by_this_thread < 30, by_this_thread  # About half each: both read the same speed.
-  # `local_fn` is what this thread runs: e.g. a job's in-process variant.
-  def local(job):
-    time.sleep(0.02)
-    return job, "local"
-
-  with multiprocessing.pool.ThreadPool(1) as pool:
-    results = list(examples.shared_results(pool, read, range(30), ahead=4, chunksize=2,
-                                           local_fn=local))
-  assert sorted(job for job, _ in results) == list(range(30))
-  assert {kind for _, kind in results} == {"local", False}
-  with pytest.raises(ValueError, match="ahead"):
-    next(examples.shared_results(None, read, range(3), ahead=1, chunksize=2))
-
-
-def test_shared_results_abandoned_early_frees_the_pool():
-  # The pool's task handler waits inside the job generator for a free slot: a consumer that
-  # stops early must release it, or the pool would never hand out another task (prepare's next
-  # split) and closing it would wait forever.
-  pool = multiprocessing.pool.ThreadPool(2)  # Not `with`: a stuck pool would hang its exit.
-  stream = examples.shared_results(pool, lambda job: job, range(100), ahead=3)
-  assert len([next(stream) for _ in range(2)]) == 2
-  time.sleep(0.2)  # The task handler now waits for a slot.
-  stream.close()
-  task = pool.apply_async(lambda: "next")
-  task.wait(timeout=10)
-  if not task.ready():
-    pool._terminate.cancel()  # pylint: disable=protected-access  # Stuck: fail, not hang at exit.
-  assert task.ready() and task.get() == "next"
-  pool.terminate()
-
-
-_KILLED_IN_HANDOFF = """
-import os, signal, sys
-from astra_jax.data import examples
-with examples.handoff_folder(sys.argv[1]) as folder:
-  open(os.path.join(folder, "image.npy"), "wb").write(bytes(1000))
-  print(folder, flush=True)
-  os.kill(os.getpid(), signal.SIGKILL)
-"""
-
-
-def test_a_killed_preparations_handoff_folder_is_removed_by_the_next(tmp_path):
-  root = str(tmp_path)
-  killed = subprocess.run([sys.executable, "-c", _KILLED_IN_HANDOFF, root], capture_output=True,
-                          text=True, check=False)
-  assert killed.returncode == -9
-  left = killed.stdout.strip()
-  assert os.path.basename(left).startswith("astra-prepare-")
-  assert os.listdir(left) == ["image.npy"]  # SIGKILL: no exit handler ran.
-  ours = tempfile.mkdtemp(prefix=f"astra-prepare-{os.getpid()}-", dir=root)  # A live process's.
-  other = os.path.join(root, "astra-prepare-abc")  # No pid in its name.
-  os.mkdir(other)
-  with examples.handoff_folder(root):  # Just killed: the folder may still be in use elsewhere.
-    pass
-  assert os.path.isdir(left)
-  old = time.time() - examples.STALE_HANDOFF_S - 1
-  for folder in (left, ours, other):
-    os.utime(folder, (old, old))
-  with examples.handoff_folder(root) as folder:
-    assert os.path.basename(folder).startswith(f"astra-prepare-{os.getpid()}-")
-    assert sorted(os.listdir(root)) == sorted(os.path.basename(f) for f in (folder, ours, other))
-  assert not os.path.exists(folder)
-
-
-def test_reader_processes_hand_images_over_through_files(survey, tmp_path):
-  rows = fits_io.read_catalog(os.path.join(survey["raw"], "data.csv"))
-  config = examples.ExampleConfig.of(astropixel.make_config(image_size=32))
-  jobs = [(fits_io.galaxy_path(survey["raw"], r.specobj_id), r, config) for r in rows
-          if r.specobj_id in survey["ids"][:3]]
-  direct = [examples.try_example(job) for job in jobs]
-  with examples.handoff_folder() as shm, examples.reader_pool(2) as pool:
-    assert shm is None or shm.startswith("/dev/shm/")
-    folder = shm or str(tmp_path)  # The same code path, where a machine has no /dev/shm.
-    handed = pool.map(functools.partial(examples.try_example_handed_over, folder=folder), jobs)
-    assert all(isinstance(h[1]["image"], examples.HandedOver) for h in handed)
-    assert len(os.listdir(folder)) == len(jobs)
-    for (key, example, _), (ref_key, ref, _) in zip(handed, direct, strict=True):
-      example = examples.take_image(example)
-      assert key == ref_key and set(example) == set(ref)
-      for name in ref:
-        np.testing.assert_array_equal(example[name], ref[name], err_msg=name)
-    assert os.listdir(folder) == []  # Each file goes once its image is read back.
-    # Where no file can be written, the image comes back in the result itself.
-    _, example, _ = examples.try_example_handed_over(jobs[0], str(tmp_path / "gone"))
-    np.testing.assert_array_equal(example["image"], direct[0][1]["image"])
-    open(os.path.join(folder, "left.npy"), "wb").close()
-  assert shm is None or not os.path.exists(shm)  # It goes, with what a stopped run left in it.

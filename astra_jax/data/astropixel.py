@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import json
 import os
 from typing import Iterator
@@ -39,9 +38,9 @@ from astra_jax.data.examples import RAW_IMAGE_SIZE
 from astra_jax.data.examples import rejection
 
 SPLITS = ("train", "validation", "test")
-# Galaxies submitted to the reader pool and not yet written, per reading process (this one
-# included): enough that no worker waits for the next job, few enough that finished examples
-# (~0.9 MB each at 288 px) never pile up in memory behind a slower writer.
+# Galaxies submitted to the reader pool and not yet written, per reader process: enough that no
+# reader waits for the next job, few enough that finished examples (~0.9 MB each at 288 px) never
+# pile up in memory behind a slower writer.
 READ_AHEAD_PER_WORKER = 8
 # Beam workers write their rejections as JSON lines into this folder of the dataset directory; the
 # builder reads them back into `rejections` once the pipeline has finished, and removes it.
@@ -171,7 +170,7 @@ class Astropixel(tfds.core.GeneratorBasedBuilder):
     # specobj_ids yielded per split, in generation order (not collected with Beam).
     self.generated_ids: dict[str, list[str]] = {}
     self._beam = False
-    self._pool = self._handoff = None
+    self._pool = None
     super().__init__(*args, **kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -214,17 +213,15 @@ class Astropixel(tfds.core.GeneratorBasedBuilder):
   def _download_and_prepare(self, dl_manager, download_config):
     # As in tfds: a Beam runner or Beam options in the DownloadConfig ask for a Beam pipeline.
     self._beam = bool(download_config.beam_runner or download_config.beam_options)
-    with contextlib.ExitStack() as stack:
-      if self.num_workers > 1 and not self._beam:
-        # The folder the readers leave images in goes only after the pool has stopped them.
-        self._handoff = stack.enter_context(examples.handoff_folder())
-        # One pool for all splits, started now: its workers import while the first examples are
-        # searched for in this process. This process reads too (`examples.shared_results`).
-        self._pool = stack.enter_context(examples.reader_pool(self.num_workers - 1))
+    # One pool for all splits, started now: its readers import while the first examples are
+    # searched for in this process, which then writes what they read.
+    pool = (examples.reader_pool(self.num_workers) if self.num_workers > 1 and not self._beam
+            else contextlib.nullcontext())
+    with pool as self._pool:
       try:
         super()._download_and_prepare(dl_manager, download_config)
       finally:
-        self._pool = self._handoff = None
+        self._pool = None
 
   @property
   def _example_config(self) -> examples.ExampleConfig:
@@ -263,31 +260,23 @@ class Astropixel(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self, split, first, items) -> Iterator[tuple[str, dict]]:
     """Yields (specobj_id, example) of `first` and then of each good galaxy in `items`, in the
-    order they are read (tfds orders the records by key, whatever order they come in)."""
+    order of `items`; rejections join `self.rejections` in that order too."""
     ids = self.generated_ids.setdefault(split, [])
     ids.append(first[0])
     yield first
     config = self._example_config
     jobs = [(galaxy_dir, row, config) for galaxy_dir, row in items]
-    if self._pool is not None and len(jobs) > 1:
-      read = examples.try_example
-      if self._handoff is not None:
-        read = functools.partial(examples.try_example_handed_over, folder=self._handoff)
-      results = examples.shared_results(
-          self._pool, read, jobs, ahead=READ_AHEAD_PER_WORKER * self.num_workers, chunksize=4,
-          local_fn=examples.try_example)  # Read here: nothing to hand over.
+    if self._pool is not None:
+      results = examples.imap_bounded(self._pool, examples.try_example, jobs,
+                                      ahead=READ_AHEAD_PER_WORKER * self.num_workers)
     else:
       results = map(examples.try_example, jobs)
-    rejected_here = []
     for key, example, rejected in results:
       if rejected is None:
         ids.append(key)
-        yield key, examples.take_image(example)
+        yield key, example
       else:
-        rejected_here.append(rejected)
-    # In the order of `items`, as one process reading them all (and a Beam run) reports them.
-    position = {row.specobj_id: k for k, (_, row) in enumerate(items)}
-    self.rejections.extend(sorted(rejected_here, key=lambda r: position[r["specobj_id"]]))
+        self.rejections.append(rejected)
 
   def stored_ids(self, split: str) -> list[str]:
     """The specobj_ids of a split just prepared, sorted (the manifest's order).

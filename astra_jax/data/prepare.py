@@ -53,8 +53,8 @@ def prepare(raw_dir: str, data_dir: str, *, bands=grid.PS1_BANDS, image_size: in
 
   `beam_runner` (e.g. "DirectRunner", "DataflowRunner") reads the galaxies with Apache Beam, with
   `beam_options` a command line of Beam pipeline options; `num_workers` is then unused (the
-  runner's options set the parallelism). None: `num_workers` processes read the galaxies, this
-  one included (it also writes the examples, and reads whenever no other has one ready).
+  runner's options set the parallelism). None: `num_workers` > 1 spawned processes read the
+  galaxies while this one writes the examples; 1: this process reads and writes.
   """
   if beam_options and not beam_runner:
     raise ValueError("beam_options need a beam_runner")
@@ -132,8 +132,6 @@ def main(argv):
   sys.stdout.write(json.dumps(result) + "\n")
 
 
-# Unlike the other entry points, this one does not restart with glibc's huge-page tunable:
-# a galaxy's few-MB arrays, allocated anew for each, ran slower with it (see astra_jax.hugepages).
 if __name__ == "__main__":
   flags.DEFINE_string("raw_dir", None, "ASTROPIXEL-layout folder (data.csv + Galaxy_* folders).")
   flags.DEFINE_string("data_dir", None, "tfds data_dir to write the shards into.")
@@ -142,7 +140,7 @@ if __name__ == "__main__":
   flags.DEFINE_float("stretch_beta", 2.5, "asinh softening in units of the sky sigma.")
   flags.DEFINE_integer("min_valid_pixels", 500, "Reject spectra with fewer valid grid pixels.")
   flags.DEFINE_integer("num_workers", min(os.cpu_count() or 1, 8),
-                       "Processes reading galaxies, this one included (without --beam_runner).")
+                       "Processes reading galaxies (1: this one; without --beam_runner).")
   flags.DEFINE_string("beam_runner", None,
                       "Read the galaxies with Apache Beam on this runner: DirectRunner, "
                       "DataflowRunner, FlinkRunner, SparkRunner, ... Default: no Beam.")

@@ -19,6 +19,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from astra_jax import analysis
+from astra_jax import checkpoint
 from astra_jax import evaluate
 from astra_jax import grid
 from astra_jax import predict
@@ -56,7 +57,7 @@ def workdir(tiny_dataset, tmp_path_factory):
       step=np.int32(1), params=host_params(abstract.params, 1),
       opt_state=jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), abstract.opt_state))
   state = jax.device_put(state, jax.tree.map(lambda s: s.sharding, abstract))
-  latest, best = train.checkpoint_managers(workdir, config)
+  latest, best = checkpoint.checkpoint_managers(workdir, config)
   latest.save(1, args=ocp.args.StandardSave(state))
   for manager in (latest, best):
     manager.wait_until_finished()

@@ -8,12 +8,16 @@ Input layouts (both may share one folder; an id is any file-name stem, not only 
   DIR/{id}_{band}.fits                        flat
 
 A band file may also be `.fits.fz` or `.fits.gz`. Images go through `examples.image_example`
-with the bands, image_size and stretch_beta of the checkpoint's config.json: the very code that
-prepared the training set. Cutouts must be 288 x 288 (`resize="reject"`, the default); with
-`resize="bin"` any square cutout whose side is a multiple of image_size is mean-binned to it after
-the stretch, as training bins its 288 px cutouts. Binning matches the pixel count, not the angular
-scale: a 576 px cutout at 0.125"/px covers the training field (72"); one at PS1's 0.25"/px covers
-twice it, and the model sees its galaxy at half the size it was trained on.
+with the bands, image_size and softening_sigmas of the checkpoint's config.json: the very code
+that prepared the training set (each band calibrated to nanomaggies by its header's zero point).
+A run whose config.json has no softening_sigmas was trained on uncalibrated inputs (astropixel
+before 2.0.0) and is refused (`example_config`). Cutouts must be 288 x 288 (`resize="reject"`,
+the default); with `resize="bin"` any square cutout whose side is a multiple of image_size is
+mean-binned to it after the stretch, as training bins its 288 px cutouts. Binning matches the
+pixel count, not the angular scale: a 576 px cutout at 0.125"/px covers the training field
+(72") but holds a quarter of the flux per pixel (the stretch's softening is per 0.25" pixel, and
+is not rescaled); one at PS1's 0.25"/px covers twice the field, and the model sees its galaxy at
+half the size it was trained on.
 
 Every galaxy found is either one row of the table or one line of the rejection file
 (`examples.rejection` JSON lines with a stable `fits_io` / `preprocess` reason); a bad galaxy
@@ -49,6 +53,7 @@ import numpy as np
 from astra_jax import grid
 from astra_jax.data import examples
 from astra_jax.data import fits_io
+from astra_jax.data import preprocess
 
 RESIZE_MODES = ("reject", "bin")
 #: Galaxies read by one worker task: ~20-50 ms each, so a task is long next to its pickling.
@@ -103,15 +108,27 @@ def find_galaxies(images_dir: str, bands: Iterable[str]) -> tuple[list[Job], lis
   return sorted(jobs, key=lambda j: j.specobj_id), rejections
 
 
-def read_cutouts(job: Job, bands: tuple[str, ...]) -> tuple[np.ndarray, tuple]:
-  """(images (bands, H, W) float32 linear flux, fits.Headers) of one job, bands in the given
-  order (`fits_io.band_file` in the job's folder).
+def band_files(job: Job, bands: tuple[str, ...]) -> list[str]:
+  """The job's cutout per band, in the given order (`fits_io.band_file` in its folder)."""
+  return [fits_io.band_file(job.folder, job.specobj_id, band) for band in bands]
 
-  Raises fits_io.InputError as `fits_io.read_images` does (MISSING_BAND, UNREADABLE_FITS,
-  NO_IMAGE, INCONSISTENT_SHAPES), for either layout.
+
+def example_config(config, workdir: str) -> examples.ExampleConfig:
+  """The image preprocessing of a training run's config (bands, image_size, softening).
+
+  Raises ValueError for a run trained on uncalibrated inputs: its config.json predates
+  `softening_sigmas` (it has `stretch_beta`, a softening in each cutout's own sky sigma).
   """
-  paths = [fits_io.band_file(job.folder, job.specobj_id, band) for band in bands]
-  return fits_io.read_bands(paths, bands)
+  if "softening_sigmas" not in config:
+    raise ValueError(
+        f"{workdir}: this model was trained on uncalibrated inputs (config.json has no "
+        f"softening_sigmas: each band was divided by its cutout's own sky sigma and its zero "
+        f"point ignored); prediction now feeds calibrated images, so retrain it: "
+        f"python -m experiments.baseline --workdir NEW_WORKDIR (its dataset is prepared again)")
+  bands = tuple(config.bands.split(","))
+  return examples.ExampleConfig(
+      bands=bands, image_size=config.image_size,
+      softening_nmgy=preprocess.ps1_softening_nmgy(bands, config.softening_sigmas))
 
 
 def check_shape(shape: tuple[int, int], config: examples.ExampleConfig, resize: str,
@@ -159,11 +176,14 @@ def centre_ra_dec(header, shape: tuple[int, int]) -> tuple[float, float]:
 
 def load_galaxy(job: Job, config: examples.ExampleConfig, resize: str
                 ) -> tuple[np.ndarray, float, float]:
-  """(model image (bands, S, S) float16, ra, dec) of one job. Raises fits_io.InputError."""
-  images, headers = read_cutouts(job, config.bands)
+  """(model image (bands, S, S) float16, ra, dec) of one job. Raises fits_io.InputError as
+  `fits_io.read_bands` (MISSING_BAND, UNREADABLE_FITS, NO_IMAGE, INCONSISTENT_SHAPES),
+  `check_shape` and `examples.image_example` (NO_ZERO_POINT, MOSTLY_NONFINITE) do."""
+  paths = band_files(job, config.bands)
+  images, headers = fits_io.read_bands(paths, config.bands)
   shape = images.shape[1:]
   check_shape(shape, config, resize, job.path)
-  image = examples.image_example(images, config, job.path)
+  image = examples.image_example(images, headers, config, paths)
   return (image,) + centre_ra_dec(headers[0], shape)
 
 
@@ -307,7 +327,7 @@ def _table_writer(path: str, model, config, id_width: int, cards: dict) -> Table
       "NZBINS": (int(nz), "number of redshift bins"),
       "BANDS": (config.bands, "image bands, in model order"),
       "IMGSIZE": (int(config.image_size), "[pixel] model input size"),
-      "BETA": (float(config.stretch_beta), "asinh softening, sky sigmas")})
+      "SOFTSIG": (float(config.softening_sigmas), "asinh softening / PS1 median sky sigma")})
   header.update(cards)
   edges = fits.ImageHDU(analysis.z_edges(model), name="Z_EDGES")
   edges.header["COMMENT"] = "Edges of the redshift bins of the z_pdf column (num_z_bins + 1)."
@@ -396,10 +416,7 @@ def predict_folder(workdir: str, images_dir: str, out_path: str, batch_size: int
   start = time.perf_counter()
   if resize not in RESIZE_MODES:
     raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
-  config = analysis.load_config(workdir)
-  data_config = examples.ExampleConfig(bands=tuple(config.bands.split(",")),
-                                       image_size=config.image_size,
-                                       stretch_beta=config.stretch_beta)
+  data_config = example_config(analysis.load_config(workdir), workdir)
   jobs, rejections = find_galaxies(images_dir, data_config.bands)
   if not jobs and not rejections:
     raise FileNotFoundError(f"{images_dir}: no Galaxy_{{id}} folders or {{id}}_{{band}}.fits "
@@ -423,9 +440,11 @@ def predict_folder(workdir: str, images_dir: str, out_path: str, batch_size: int
     config, model, params = analysis.restore(workdir, step=step, best=best)
     ndev = len(jax.local_devices())
     id_width = max((len(j.specobj_id) for j in jobs), default=1)
+    softening = ",".join(f"{v:.4g}" for v in data_config.softening_nmgy)
     writer = _table_writer(out_path, model, config, id_width,
                            {"WORKDIR": (os.path.abspath(workdir), "training run"),
-                            "RESIZE": (resize, "cutouts of other sizes: reject or bin")})
+                            "RESIZE": (resize, "cutouts of other sizes: reject or bin"),
+                            "SOFTNMGY": (softening, "[nmgy] asinh softening")})
     batches = _Batches(model, params, -(-batch_size // ndev) * ndev, writer, truth_z)
     bar = tqdm.tqdm(total=len(jobs), unit="gal", desc="predict", disable=not progress)
     for result in reader:

@@ -243,7 +243,7 @@ def test_resize_bin_accepts_multiples_and_rejects_the_rest(workdir, raw_dir, ful
       path = os.path.join(folder, f"Galaxy_{i}", "images", f"{i}_{b}.fits")
       with fits.open(path) as hdus:
         data = hdus[0].data.copy()
-      # 576: each pixel 2x2 (same sky sample, same stretch, same bins); 300: padded with sky.
+      # 576: each pixel 2x2 (same stretch, same bins); 300: padded with sky.
       data = np.kron(data, np.ones((2, 2))) if k < 2 else np.pad(data, 6)
       write_like(path, path, data)
   summary = predict.predict_folder(workdir, folder, str(tmp_path / "bin.fits"), batch_size=BATCH,
@@ -289,6 +289,46 @@ def test_cli_prints_the_summary(workdir, raw_dir, full, tmp_path):
   rows, _, _, _ = read_table(out)
   assert sorted(rows) == sorted(ids[1:])
   assert_same_rows(rows, full[1], ids[1:])
+
+
+def test_predict_reads_the_array_prepare_stored(tiny_dataset, raw_dir, tmp_path):
+  # The model's input straight from the FITS files (`load_galaxy`, no model) equals the prepared
+  # dataset's image bit for bit: one calibrated image path for both.
+  config = predict.example_config(baseline.get_config("tiny"), "run")
+  builder = pipeline.load_builder(tiny_dataset)
+  assert tuple(builder.info.metadata["softening_nmgy"]) == config.softening_nmgy
+  stored = {}
+  for split in builder.info.splits:
+    for ex in builder.as_dataset(split=split).as_numpy_iterator():
+      stored[ex["specobj_id"].decode()] = ex["image"]
+  jobs, _ = predict.find_galaxies(raw_dir, config.bands)
+  assert sorted(j.specobj_id for j in jobs) == sorted(stored) and len(jobs) == 24
+  for job in jobs:
+    image, _, _ = predict.load_galaxy(job, config, "reject")
+    np.testing.assert_array_equal(image, stored[job.specobj_id], err_msg=job.specobj_id)
+
+  # A band without a usable zero point: rejected with its reason, naming its file.
+  i = jobs[0].specobj_id
+  copy_images(raw_dir, [i], str(tmp_path))
+  path = os.path.join(str(tmp_path), f"Galaxy_{i}", "images", f"{i}_z.fits")
+  with fits.open(path, mode="update") as hdus:
+    del hdus[0].header["MAGZERO"], hdus[0].header["EXPTIME"]
+  [job] = predict.find_galaxies(str(tmp_path), config.bands)[0]
+  [rejected] = predict.load_task([job], config, "reject")["rejections"]
+  assert rejected == {"specobj_id": i, "path": path, "detail": "band z",
+                      "reason": "no usable zero point (MAGZERO or EXPTIME)"}
+
+
+def test_a_model_trained_on_uncalibrated_inputs_is_refused(raw_dir, tmp_path):
+  # config.json of a run before calibration: stretch_beta (the per-cutout sky sigma stretch),
+  # no softening_sigmas. Refused before anything is read or restored.
+  old = baseline.get_config("tiny").to_dict()
+  del old["softening_sigmas"]
+  old["stretch_beta"] = 2.5
+  (tmp_path / "config.json").write_text(json.dumps(old))
+  with pytest.raises(ValueError, match="trained on uncalibrated inputs.*retrain"):
+    predict.predict_folder(str(tmp_path), raw_dir, str(tmp_path / "out.fits"), num_workers=0)
+  assert not (tmp_path / "out.fits").exists()
 
 
 def test_centre_ra_dec_shortcut_agrees_with_the_wcs(raw_dir):

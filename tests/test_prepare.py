@@ -9,17 +9,20 @@ import subprocess
 import sys
 import time
 
+from astropy.io import fits
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
 from astra_jax import grid
 from astra_jax.data import astropixel
+from astra_jax.data import datasets
 from astra_jax.data import examples
 from astra_jax.data import fits_io
 from astra_jax.data import mock
 from astra_jax.data import prepare
 from astra_jax.data import preprocess
+from experiments.configs import baseline
 
 NUM_GOOD = 16
 
@@ -42,9 +45,8 @@ def _rewrite_spectrum(galaxy_dir, edit):
   open(path, "w").write("\n".join(edit(lines)) + "\n")
 
 
-def _write_image(path, data):
-  from astropy.io import fits  # pylint: disable=g-import-not-at-top
-  fits.PrimaryHDU(np.asarray(data, np.float32)).writeto(path, overwrite=True)
+def _write_image(path, data, header=None):
+  fits.PrimaryHDU(np.asarray(data, np.float32), header).writeto(path, overwrite=True)
 
 
 # Each broken copy: (id, how it is broken, the reason prepare must give).
@@ -63,6 +65,7 @@ BROKEN = {
     "900012": "fewer than 500 valid pixels on the grid",
     "900013": "data.csv row with no galaxy folder",
     "900014": "galaxy folder with no data.csv row",
+    "900015": "no usable zero point (MAGZERO or EXPTIME)",
 }
 
 
@@ -90,10 +93,10 @@ def survey(tmp_path_factory):
   d = copy("900005")
   _write_image(img(d, "900005", "i"), np.zeros((144, 144)))
   d = copy("900006")
-  image, _ = fits_io.read_image(img(d, "900006", "r"))
+  image, fits_header = fits_io.read_image(img(d, "900006", "r"))
   image = image.copy()
   image.reshape(-1)[: int(0.8 * image.size)] = np.nan
-  _write_image(img(d, "900006", "r"), image)
+  _write_image(img(d, "900006", "r"), image, fits_header)  # Its zero point kept.
   os.remove(os.path.join(copy("900007"), "spectrum", "spectrum.csv"))
   _rewrite_spectrum(copy("900008"), lambda lines: lines[:1])
   _rewrite_spectrum(copy("900009"), lambda lines: lines[:50] + ["5000.0,abc"] + lines[51:])
@@ -102,6 +105,10 @@ def survey(tmp_path_factory):
   _rewrite_spectrum(copy("900012"), lambda lines: lines[:200])
   rows.append(rows[0].replace(f"'{src}'", "'900013'"))   # A row whose folder does not exist.
   copy("900014", with_row=False)
+  d = copy("900015")
+  with fits.open(img(d, "900015", "i"), mode="update") as hdus:  # No MAGZERO, EXPTIME 0.
+    del hdus[0].header["MAGZERO"]
+    hdus[0].header["EXPTIME"] = 0.0
   rows.append(rows[1])                                   # The same specobj_id twice.
   open(catalog, "w").write("\n".join([header] + rows) + "\n")
 
@@ -130,6 +137,9 @@ def test_each_broken_galaxy_has_its_reason(survey):
     assert [r["reason"] for r in by_id[specobj_id]] == [reason], specobj_id
     assert by_id[specobj_id][0]["path"].startswith(survey["raw"])
   assert by_id["900002"][0]["path"].endswith("900002_g.fits")
+  assert by_id["900006"][0]["path"].endswith("900006_r.fits")     # The band's file, and band.
+  assert by_id["900015"][0]["path"].endswith("900015_i.fits")
+  assert by_id["900015"][0]["detail"] == "band i"
   assert [r["reason"] for r in by_id[survey["duplicate"]]] == ["duplicate specobj_id"]
   assert by_id["900012"][0]["detail"] == "199 valid"
   manifest = [json.loads(l) for l in open(survey["result"]["manifest"])]
@@ -143,6 +153,11 @@ def test_stored_examples_match_the_raw_files(survey):
   assert spec["image"].shape == (5, 32, 32) and spec["flux"].shape == (grid.NUM_PIXELS,)
   assert {k for k in spec} == {"image", "flux", "weight", "z", "has_z", "specobj_id", "ra", "dec",
                                "aperture_flux"}
+  assert str(builder.info.version) == astropixel.CALIBRATED_VERSION == "2.0.0"
+  meta = builder.info.metadata
+  softening = preprocess.ps1_softening_nmgy(grid.PS1_BANDS, 2.5)
+  assert meta["softening_nmgy"] == list(softening) and meta["softening_sigmas"] == 2.5
+  assert "nanomaggies" in meta["image_unit"]
   catalog = {r.specobj_id: r for r in fits_io.read_catalog(os.path.join(survey["raw"], "data.csv"))}
   with open(os.path.join(survey["raw"], "truth.csv")) as f:
     truths = {row["specobj_id"].strip("'"): row for row in csv.DictReader(f)}
@@ -171,7 +186,7 @@ def test_stored_examples_match_the_raw_files(survey):
     fiber = preprocess.aperture_flux(images, headers, float(truth["fiber_diameter_arcsec"]))
     excess = float(truth["fibermag_r_ab"]) - (22.5 - 2.5 * np.log10(fiber[1]))
     assert -0.1 < excess < 0.6, (specobj_id, excess)
-    stretched, _ = preprocess.stretch(images, 2.5)
+    stretched = preprocess.stretch(images, preprocess.zero_points(headers), softening)
     binned = preprocess.bin_image(stretched, 9)
     assert ex["image"].dtype == np.float16
     np.testing.assert_array_equal(ex["image"], binned.astype(np.float16))
@@ -185,6 +200,78 @@ def test_stored_examples_match_the_raw_files(survey):
     assert np.all(np.sqrt(np.mean(error**2, axis=(1, 2))) < 1e-2 * sky_noise), sky_noise
     checked += 1
   assert checked == survey["result"]["written"]["train"]
+
+
+def _aperture_colours(fluxes):
+  """Adjacent-band colours (bands - 1,) in magnitudes of (bands,) fluxes."""
+  return -2.5 * np.log10(fluxes[:-1] / fluxes[1:])
+
+
+def test_aperture_colours_from_the_stored_input_equal_the_catalogue(survey):
+  # The stored input inverted, f = softening x sinh(x), on the un-binned 288 px image (the very
+  # example prepare stores, float16 included), summed in the 3 arcsec aperture: the same colours
+  # as preprocess.aperture_flux on the raw FITS, well within their photometric noise (sky and
+  # Poisson noise of the aperture's pixels, from the headers' SKYSIG, gain 1). float16 rounding
+  # is the only difference: at most ~3e-4 relative per aperture, ~0.3 sigma of that noise (see
+  # examples.image_example). The old stretch's colours, over each cutout's own sky sigma and
+  # inverted so, were off by ~0.1 mag typically (scatter 0.14-0.18 mag) on mock galaxies.
+  config = examples.ExampleConfig.of(astropixel.make_config(image_size=288))
+  softening = np.array(config.softening_nmgy)
+  catalog = {r.specobj_id: r for r in fits_io.read_catalog(os.path.join(survey["raw"], "data.csv"))}
+  inside = preprocess._aperture_pixels(288, 288, 3.0, preprocess.PS1_PIXEL_SCALE_ARCSEC)
+  for specobj_id in survey["ids"]:
+    galaxy_dir = os.path.join(survey["raw"], f"Galaxy_{specobj_id}")
+    x = examples.galaxy_example(galaxy_dir, catalog[specobj_id], config)["image"]
+    assert x.shape == (5, 288, 288) and x.dtype == np.float16
+    f = softening[:, None] * np.sinh(x.reshape(5, -1)[:, inside].astype(np.float64))
+    images, headers = fits_io.read_images(galaxy_dir, specobj_id)
+    want = preprocess.aperture_flux(images, headers).astype(np.float64)
+    counts = images.reshape(5, -1)[:, inside].astype(np.float64)
+    sky = np.array([h["SKYSIG"] for h in headers])
+    sigma = np.sqrt((sky[:, None] ** 2 + np.maximum(counts, 0)).sum(axis=1)) * (
+        preprocess.nmgy_per_count(preprocess.zero_points(headers)))
+    colour_sigma = 2.5 / np.log(10) * np.hypot(sigma[:-1] / want[:-1], sigma[1:] / want[1:])
+    error = _aperture_colours(f.sum(axis=1)) - _aperture_colours(want)
+    assert np.all(np.abs(error) < 0.5 * colour_sigma), (specobj_id, error / colour_sigma)
+    assert np.all(np.abs(error) < 2e-3), (specobj_id, error)
+
+
+def _aged(dataset_dir, dest, version="1.2.0"):
+  """A copy of a prepared dataset made to look like astropixel `version` (before calibration):
+  that version, and the metadata it wrote (stretch_beta, no softening)."""
+  shutil.copytree(dataset_dir, dest)
+  info_path = os.path.join(dest, "dataset_info.json")
+  info = json.load(open(info_path))
+  info["version"] = version
+  json.dump(info, open(info_path, "w"))
+  meta_path = os.path.join(dest, "metadata.json")
+  meta = json.load(open(meta_path))
+  for key in ("softening_nmgy", "softening_sigmas", "sky_sigma_nmgy", "image_unit"):
+    del meta[key]
+  json.dump(dict(meta, stretch_beta=2.5), open(meta_path, "w"))
+  return str(dest)
+
+
+def test_training_refuses_an_uncalibrated_dataset_and_says_how_to_prepare_it(survey, tmp_path):
+  config = baseline.get_config("tiny")
+  config.raw_dir = survey["raw"]
+  dataset_dir = survey["result"]["dataset_dir"]
+  datasets.check_dataset(config, dataset_dir)  # Calibrated, and what the config asks for.
+  config.data_dir = _aged(dataset_dir, tmp_path / "astropixel" / "grizy-32px-beta2.5" / "1.2.0")
+  assert datasets.ensure_dataset(config, str(tmp_path / "run")) == config.data_dir
+  with pytest.raises(ValueError) as excinfo:
+    datasets.check_dataset(config, config.data_dir)
+  message = str(excinfo.value)
+  assert "uncalibrated" in message and "1.2.0" in message
+  assert (f"python -m astra_jax.data.prepare --raw_dir {survey['raw']} --data_dir {tmp_path} "
+          "--bands g,r,i,z,y --image_size 32 --softening_sigmas 2.5") in message
+  # A calibrated version whose metadata lacks the softening is refused too.
+  aged = _aged(dataset_dir, tmp_path / "other", version=astropixel.CALIBRATED_VERSION)
+  with pytest.raises(ValueError, match="uncalibrated"):
+    datasets.check_dataset(config, aged)
+  config.softening_sigmas = 1.0
+  with pytest.raises(ValueError, match="softening_sigmas=2.5"):
+    datasets.check_dataset(config, dataset_dir)
 
 
 def test_cli_prints_the_summary_line_and_reuses(survey, tmp_path):

@@ -1,11 +1,13 @@
 """Tests of astra_jax.data.preprocess (pure numpy)."""
 
+import dataclasses
 import pickle
 
 import numpy as np
 import pytest
 
 from astra_jax import grid
+from astra_jax.data import mock
 from astra_jax.data import preprocess as pp
 
 
@@ -23,42 +25,6 @@ def noisy_image(sigma=3.0, shape=(288, 288), seed=0, source=True):
 # --------------------------------------------------------------------------- images
 
 
-@pytest.mark.parametrize("sigma, shape", [(3.0, (288, 288)), (0.02, (288, 288)), (1.0, (64, 48))])
-def test_sky_sigma_recovers_noise_under_source(sigma, shape):
-  image = noisy_image(sigma, shape)
-  assert pp.sky_sigma(image) == pytest.approx(sigma, rel=0.05)
-  level, s = pp.sky_stats(image + np.float32(7 * sigma))
-  assert level == pytest.approx(7 * sigma, abs=0.1 * sigma) and s == pytest.approx(sigma, rel=0.05)
-  assert pp.sky_sigma(image) == pp.sky_sigma(image.copy())  # deterministic subsample
-
-
-@pytest.mark.parametrize("sigma, shape", [(3.0, (288, 288)), (1.0, (64, 47))])
-def test_sky_sigma_difference_method(sigma, shape):
-  image = noisy_image(sigma, shape, seed=4)
-  assert pp.sky_sigma(image, method="difference") == pytest.approx(sigma, rel=0.05)
-  with pytest.raises(ValueError):
-    pp.sky_sigma(image, method="mad")
-
-
-def test_sky_sigma_difference_method_under_extended_light():
-  # A galaxy filling the cutout (exponential disk, scale 40 px, 20 sigma at the centre).
-  y, x = np.mgrid[:288, :288]
-  disk = 20.0 * np.exp(-np.hypot(x - 144, y - 144) / 40.0)
-  image = (np.random.default_rng(5).normal(0, 1.0, (288, 288)) + disk).astype(np.float32)
-  assert pp.sky_sigma(image, method="difference") == pytest.approx(1.0, rel=0.05)
-  _, info = pp.stretch(image[None], 1.0, sigma_method="difference")
-  assert info["sky_sigma"][0] == pp.sky_sigma(image, method="difference")
-
-
-def test_sky_sigma_ignores_nonfinite_and_empty():
-  image = noisy_image(2.0)
-  image[:100] = np.nan
-  image[150:, ::7] = np.inf
-  for method in pp.SIGMA_METHODS:
-    assert pp.sky_sigma(image, method=method) == pytest.approx(2.0, rel=0.05)
-    assert np.isnan(pp.sky_sigma(np.full((8, 8), np.nan, np.float32), method=method))
-
-
 def test_asinh_matches_numpy():
   x = np.concatenate([np.float32([0, -0.0, 1e-30, -1e-8, 1e-4, 0.5, 1e10, -3e38, 3.4e38, 1e19]),
                       np.logspace(-6, 38, 20000).astype(np.float32),
@@ -72,53 +38,118 @@ def test_asinh_matches_numpy():
   np.testing.assert_array_equal(in_place, got)
 
 
-def test_stretch_formula_and_info():
+def test_ps1_sky_sigma_from_the_published_depth_and_seeing():
+  # sigma_pix = f5 / (5 sqrt(NEA)), NEA = 4 pi (FWHM / 2.355 / 0.25")^2 (the docstring's table).
+  got = [pp.ps1_sky_sigma_nmgy(b) for b in grid.PS1_BANDS]
+  np.testing.assert_allclose(got, [0.012136, 0.014649, 0.017220, 0.037323, 0.089692], rtol=1e-4)
+  np.testing.assert_allclose(pp.ps1_softening_nmgy(("y", "g"), 2.5), [2.5 * got[4], 2.5 * got[0]])
+  with pytest.raises(ValueError, match="'u'"):
+    pp.ps1_softening_nmgy(("u", "g"), 2.5)
+  with pytest.raises(ValueError, match="> 0"):
+    pp.ps1_softening_nmgy(("g",), 0.0)
+
+
+def test_zero_point_magzero_else_exptime_else_nan():
+  assert pp.zero_point({"MAGZERO": 31.5, "EXPTIME": 100.0}) == 31.5
+  assert pp.zero_point({"EXPTIME": 100.0}) == pytest.approx(30.0)
+  assert pp.zero_point({"MAGZERO": float("nan"), "EXPTIME": 100.0}) == pytest.approx(30.0)
+  for header in ({}, {"EXPTIME": 0.0}, {"EXPTIME": -5.0}, {"MAGZERO": "n/a"},
+                 {"EXPTIME": float("inf")}, {"MAGZERO": None, "EXPTIME": None}):
+    assert np.isnan(pp.zero_point(header)), header
+  np.testing.assert_allclose(pp.zero_points([{"MAGZERO": 30.0}, {"EXPTIME": 10.0}]), [30.0, 27.5])
+
+
+def test_stretch_is_asinh_of_nanomaggies_over_the_softening():
   images = np.stack([noisy_image(1.0, seed=1), noisy_image(5.0, seed=2)])
   images[1, 3, 4] = np.nan
   images[1, 5, 6] = np.inf
-  beta = 2.5
-  out, info = pp.stretch(images, beta)
+  zps, softening = [31.0, 28.0], [0.03, 0.2]
+  out = pp.stretch(images, zps, softening)
   assert out.shape == images.shape and out.dtype == np.float32
-  np.testing.assert_array_equal(info["n_nonfinite"], [0, 2])
-  np.testing.assert_allclose(info["sky_sigma"], [1.0, 5.0], rtol=0.05)
   for b in range(2):
-    assert info["sky_sigma"][b] == pp.sky_sigma(images[b])
-    expected = np.arcsinh(np.nan_to_num(images[b].astype(np.float64), posinf=0)
-                          / (beta * info["sky_sigma"][b]))
-    np.testing.assert_allclose(out[b], expected, rtol=1e-6, atol=3e-7)
-  assert out[1, 3, 4] == 0 and out[1, 5, 6] == 0
-  assert np.all(np.isfinite(out))
+    nmgy = np.nan_to_num(images[b].astype(np.float64), posinf=0) * 10 ** (-0.4 * (zps[b] - 22.5))
+    np.testing.assert_allclose(out[b], np.arcsinh(nmgy / softening[b]), rtol=1e-6, atol=3e-7)
+  assert out[1, 3, 4] == 0 and out[1, 5, 6] == 0 and np.all(np.isfinite(out))
   assert np.isnan(images[1, 3, 4]) and np.isinf(images[1, 5, 6])  # The input is untouched.
+  with pytest.raises(ValueError, match="zero points and softenings"):
+    pp.stretch(images, zps[:1], softening)
+  with pytest.raises(ValueError, match="softening_nmgy"):
+    pp.stretch(images, zps, [0.03, 0.0])
+  with pytest.raises(ValueError):
+    pp.stretch(images[0], zps, softening)  # not (bands, H, W)
 
 
-def test_stretch_subtract_sky():
-  image = noisy_image(1.0)[None]
-  image[0, 7, 7] = np.nan
-  plain, _ = pp.stretch(image, 1.0)
-  shifted, info = pp.stretch(image + np.float32(50.0), 1.0, subtract_sky=True)
-  assert info["sky_level"][0] == pytest.approx(50.0, abs=0.05)
-  np.testing.assert_allclose(shifted, plain, atol=0.05)
-  assert shifted[0, 7, 7] == 0  # A masked pixel reads as the sky, after the sky is subtracted.
+def test_a_scaled_copy_gives_identical_inputs_in_nanomaggies():
+  # The same sky in other units: counts x k with the zero point raised by 2.5 log10 k, a
+  # different k in each band (as stacks of different depth have). Both give asinh(f / softening)
+  # of the same nanomaggies f (the old stretch, per cutout sky sigma, gave neither the same
+  # colours nor that scale).
+  nmgy = np.stack([noisy_image(0.02, seed=s) for s in range(3)]).astype(np.float64)
+  softening = np.array(pp.ps1_softening_nmgy(("g", "r", "i"), 2.5))
+  zps = np.array([30.1, 31.7, 29.4])
+  counts = (nmgy * 10 ** (0.4 * (zps - 22.5))[:, None, None]).astype(np.float32)
+  want = np.arcsinh(nmgy / softening[:, None, None])
+  base = pp.stretch(counts, zps, softening)
+  np.testing.assert_allclose(base, want, rtol=1e-6, atol=3e-7)  # pp.asinh: see its test.
+  k = np.array([4.0, 0.25, 2.0])  # Powers of two: the copy's counts are exact, so is its input.
+  np.testing.assert_array_equal(
+      pp.stretch(counts * k[:, None, None].astype(np.float32), zps + 2.5 * np.log10(k), softening),
+      base)
+  k = np.array([0.37, 3.3, 1.7])  # Else equal to float32 rounding.
+  np.testing.assert_allclose(
+      pp.stretch(counts * k[:, None, None].astype(np.float32), zps + 2.5 * np.log10(k), softening),
+      base, rtol=1e-6, atol=3e-7)
 
 
-def test_stretch_rejects_mostly_nonfinite_and_constant():
+def test_a_shallower_copy_gives_the_same_input_within_the_noise_where_bright():
+  # One mock galaxy (r = 15.4) observed twice: its stack, and one with a quarter of the epochs
+  # (14, 10, 19, 14, 14 -> 3, 2, 4, 3, 3: ~1/4.7 of the counts per nanomaggy, 2.2x the noise
+  # relative to the signal at least; mock.render_images).
+  rng = np.random.default_rng(11)
+  gal = next(g for g in (mock.sample_galaxy(rng) for _ in range(50)) if g.r_mag() < 16.0)
+  deep = mock.sample_conditions(rng, "SDSS")
+  shallow = dataclasses.replace(deep, num_epochs=np.maximum(deep.num_epochs // 4, 1))
+  softening = np.array(pp.ps1_softening_nmgy(grid.PS1_BANDS, 2.5))[:, None, None]
+  x, sd_f = {}, {}
+  for name, cond in (("deep", deep), ("shallow", shallow)):
+    rendered = mock.render_images(gal, cond, noise_rng=np.random.default_rng(len(name)))
+    x[name] = pp.stretch(rendered.images, cond.magzero, softening[:, 0, 0])
+    per_count = pp.nmgy_per_count(cond.magzero)[:, None, None]
+    f = rendered.model * per_count                  # Noiseless nanomaggies: the same for both.
+    sd_f[name] = np.sqrt(cond.sky_sigma[:, None, None] ** 2 + np.maximum(rendered.model, 0)
+                         ) * per_count               # Pixel noise, nanomaggies.
+  assert np.all(sd_f["shallow"] > 1.7 * sd_f["deep"])
+  # Bright: f > 10 softenings. There d asinh(f / s) = df / sqrt(f^2 + s^2), so the difference of
+  # the two inputs has sd sqrt(sd_deep^2 + sd_shallow^2) / sqrt(f^2 + s^2) per pixel (measured:
+  # 0.99 sd). Each pixel within 5 sd (1124 pixels: odds ~6e-4 of one 5 sd excursion), their mean
+  # within 5 sd of the mean. The old stretch, over each cutout's own sky sigma, differed by 0.75
+  # there on average (~0.5 ln 4.7: the shallow copy's signal over its noise is 2.2x lower),
+  # up to 34 sd.
+  bright = f > 10 * softening
+  sd = np.sqrt(sd_f["deep"] ** 2 + sd_f["shallow"] ** 2) / np.sqrt(f**2 + softening**2)
+  z = ((x["deep"] - x["shallow"]) / sd)[bright]
+  assert z.size > 1000 and bright.any(axis=(1, 2)).all(), z.size
+  assert np.abs(z).max() < 5.0, np.abs(z).max()
+  assert abs(z.mean()) < 5.0 / np.sqrt(z.size), z.mean()
+
+
+def test_stretch_rejects_no_zero_point_and_mostly_nonfinite():
   images = np.stack([noisy_image(1.0), noisy_image(1.0, seed=3)])
+  for zps in ([30.0, np.nan], [30.0, np.inf]):
+    with pytest.raises(pp.PreprocessError) as excinfo:
+      pp.stretch(images, zps, [0.03, 0.03])
+    assert excinfo.value.reason == pp.NO_ZERO_POINT == "no usable zero point (MAGZERO or EXPTIME)"
+    assert excinfo.value.band == 1
+
   images[1, :200] = np.nan  # 69% of band 1
   with pytest.raises(pp.PreprocessError) as excinfo:
-    pp.stretch(images, 1.0)
+    pp.stretch(images, [30.0, 30.0], [0.03, 0.03])
   assert excinfo.value.reason == pp.MOSTLY_NONFINITE == "mostly non-finite image"
   assert excinfo.value.band == 1 and isinstance(excinfo.value, ValueError)
   back = pickle.loads(pickle.dumps(excinfo.value))
   assert (back.reason, back.band, str(back)) == (pp.MOSTLY_NONFINITE, 1,
                                                  "mostly non-finite image (band 1)")
-  pp.stretch(images, 1.0, max_bad_fraction=0.75)  # allowed when the threshold is raised
-
-  images = np.stack([noisy_image(1.0), np.full((288, 288), 3.0, np.float32)])
-  with pytest.raises(pp.PreprocessError) as excinfo:
-    pp.stretch(images, 1.0)
-  assert excinfo.value.reason == pp.ZERO_SKY_SIGMA and excinfo.value.band == 1
-  with pytest.raises(ValueError):
-    pp.stretch(images[0], 1.0)  # not (bands, H, W)
+  pp.stretch(images, [30.0, 30.0], [0.03, 0.03], max_bad_fraction=0.75)  # A raised threshold.
 
 
 def test_bin_image_mean():

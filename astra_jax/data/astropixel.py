@@ -38,6 +38,9 @@ from astra_jax.data.examples import RAW_IMAGE_SIZE
 from astra_jax.data.examples import rejection
 
 SPLITS = ("train", "validation", "test")
+#: The first version whose images are calibrated (nanomaggies, a fixed softening per band):
+#: training and prediction refuse datasets prepared before it.
+CALIBRATED_VERSION = "2.0.0"
 # Galaxies submitted to the reader pool and not yet written, per reader process: enough that no
 # reader waits for the next job, few enough that finished examples (~0.9 MB each at 288 px) never
 # pile up in memory behind a slower writer.
@@ -60,20 +63,27 @@ def import_beam():
 @dataclasses.dataclass
 class AstropixelConfig(examples.ExampleConfig, tfds.core.BuilderConfig):
   """How raw galaxies become examples (the fields of `examples.ExampleConfig`), as a tfds builder
-  config: one prepared dataset per config."""
+  config: one prepared dataset per config. `softening_sigmas` names the softening in units of
+  the PS1 median sky noise per pixel (`softening_nmgy` = it x `preprocess.ps1_sky_sigma_nmgy`)."""
+  softening_sigmas: float = examples.SOFTENING_SIGMAS
 
 
-def make_config(bands=grid.PS1_BANDS, image_size=RAW_IMAGE_SIZE, stretch_beta=2.5,
+def make_config(bands=grid.PS1_BANDS, image_size=RAW_IMAGE_SIZE,
+                softening_sigmas=examples.SOFTENING_SIGMAS,
                 min_valid_pixels=500) -> AstropixelConfig:
-  """An `AstropixelConfig` named after its parameters, e.g. `grizy-96px-beta2.5`."""
+  """An `AstropixelConfig` named after its parameters, e.g. `grizy-96px-nmgy-asinh2.5sky-min500`:
+  images in nanomaggies, stretched as asinh(f / (2.5 x the PS1 median sky sigma))."""
   bands = tuple(bands)
   if RAW_IMAGE_SIZE % image_size:
     raise ValueError(f"image_size={image_size} must divide the raw cutout size {RAW_IMAGE_SIZE}")
-  name = f"{''.join(bands)}-{image_size}px-beta{stretch_beta:g}-min{min_valid_pixels}"
-  return AstropixelConfig(name=name, bands=bands, image_size=image_size,
-                          stretch_beta=float(stretch_beta), min_valid_pixels=int(min_valid_pixels),
-                          description=f"bands {','.join(bands)}, {image_size}x{image_size} px, "
-                                      f"asinh beta {stretch_beta:g}")
+  softening = preprocess.ps1_softening_nmgy(bands, softening_sigmas)
+  name = (f"{''.join(bands)}-{image_size}px-nmgy-asinh{softening_sigmas:g}sky-"
+          f"min{min_valid_pixels}")
+  return AstropixelConfig(
+      name=name, bands=bands, image_size=image_size, softening_nmgy=softening,
+      softening_sigmas=float(softening_sigmas), min_valid_pixels=int(min_valid_pixels),
+      description=f"bands {','.join(bands)}, {image_size}x{image_size} px, nanomaggies, asinh "
+                  f"softening {softening_sigmas:g} x the PS1 median sky sigma")
 
 
 # ---------------------------------------------------------------- per-galaxy work
@@ -143,9 +153,12 @@ def scan_raw_dir(raw_dir: str) -> RawSurvey:
 class Astropixel(tfds.core.GeneratorBasedBuilder):
   """Pan-STARRS1 grizy cutouts paired with SDSS spectra on one observed-frame grid.
 
-  `image` (bands, S, S) float16: asinh-stretched linear flux, asinh(x / (beta * sigma_sky)),
-  rounded to float16 (relative error <= 2^-11; its variance < 1e-5 of the sky noise's, see
-  `examples.image_example`). Datasets of version 1.1.0 hold float32 images and still read.
+  `image` (bands, S, S) float16: asinh(f / softening_nmgy[b]) of each pixel's flux f in
+  nanomaggies (calibrated by the band's zero point), mean-binned to S, rounded to float16 (see
+  `examples.image_example`). softening_nmgy (metadata, bands in config order) is a survey
+  constant: softening_sigmas x the PS1 median sky noise per pixel (`preprocess.stretch`).
+  Datasets before version 2.0.0 (CALIBRATED_VERSION) divided each band by its cutout's own sky
+  sigma instead, ignoring the zero point; training refuses them (`datasets.check_dataset`).
   `aperture_flux` (bands,) float32: nanomaggies in the SDSS fiber's 3 arcsec diameter, measured on
   the linear cutouts (for colour baselines; AB mag = 22.5 - 2.5 log10 f).
   `flux` (4000,) float32: 1e-17 erg/s/cm^2/Angstrom on log10(lambda) = 3.58 + 1e-4 i (vacuum,
@@ -153,10 +166,16 @@ class Astropixel(tfds.core.GeneratorBasedBuilder):
   it, 1 inside the measured range where it has not, 0 outside, masked or non-finite.
   """
 
-  VERSION = tfds.core.Version("1.2.0")
+  VERSION = tfds.core.Version(CALIBRATED_VERSION)
   RELEASE_NOTES = {"1.0.0": "First release.",
                    "1.1.0": "image, flux, weight stored as raw bytes (~200x faster to write).",
-                   "1.2.0": "image stored as float16 (half the bytes to read per example)."}
+                   "1.2.0": "image stored as float16 (half the bytes to read per example).",
+                   "2.0.0": "image calibrated: each band in nanomaggies by its zero point, "
+                            "stretched as asinh(f / softening_nmgy) with a fixed softening per "
+                            "band (a survey constant, in the metadata), where 1.x divided by "
+                            "the cutout's own sky sigma and ignored the zero point (colours "
+                            "off by a random 0.15-0.18 mag, the flux scale lost); a band "
+                            "without a zero point is rejected."}
   BUILDER_CONFIGS = [make_config(), make_config(image_size=96)]
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
       "Point manual_dir (prepare's --raw_dir) at a folder in ASTROPIXEL layout: data.csv and "
@@ -184,7 +203,8 @@ class Astropixel(tfds.core.GeneratorBasedBuilder):
         features=tfds.features.FeaturesDict({
             "image": tfds.features.Tensor(shape=(len(cfg.bands), size, size), dtype=np.float16,
                                           encoding=raw,
-                                          doc="asinh-stretched cutouts, bands in config order"),
+                                          doc="asinh(nanomaggies / softening_nmgy) per pixel, "
+                                              "bands in config order"),
             "aperture_flux": tfds.features.Tensor(
                 shape=(len(cfg.bands),), dtype=np.float32,
                 doc="nanomaggies in a 3 arcsec diameter aperture, bands in config order"),
@@ -204,7 +224,11 @@ class Astropixel(tfds.core.GeneratorBasedBuilder):
                                         encoding=raw),
         }),
         metadata=tfds.core.MetadataDict(
-            bands=list(cfg.bands), image_size=size, stretch_beta=cfg.stretch_beta,
+            bands=list(cfg.bands), image_size=size,
+            image_unit="asinh(f / softening_nmgy), f the pixel's flux in nanomaggies "
+                       "(AB mag = 22.5 - 2.5 log10 f) by its band's zero point",
+            softening_nmgy=list(cfg.softening_nmgy), softening_sigmas=cfg.softening_sigmas,
+            sky_sigma_nmgy=[s / cfg.softening_sigmas for s in cfg.softening_nmgy],
             loglam0=grid.LOGLAM0, dloglam=grid.DLOGLAM, num_pixels=grid.NUM_PIXELS,
             flux_unit="1e-17 erg/s/cm^2/Angstrom", wavelength="vacuum, observed frame"),
         homepage="https://www.kaggle.com/datasets/",

@@ -1,7 +1,11 @@
 r"""Prepare an ASTROPIXEL-layout raw folder into `astropixel` tfds shards.
 
   python -m astra_jax.data.prepare --raw_dir RAW --data_dir OUT [--bands g,r,i,z,y] \
-      [--image_size 288] [--stretch_beta 2.5] [--num_workers 2]
+      [--image_size 288] [--softening_sigmas 2.5] [--num_workers 2]
+
+Images are calibrated to nanomaggies by each band's zero point (MAGZERO, else EXPTIME) and
+stretched as asinh(f / softening), softening = softening_sigmas x the PS1 median sky noise per
+pixel of the band (`preprocess.stretch`).
 
 With Apache Beam (`pip install 'astra-jax[beam]'`) the galaxies are read by a Beam pipeline; the
 same examples and the same rejected.jsonl / manifest.jsonl come out:
@@ -47,7 +51,7 @@ def hide_gpus_from_tensorflow():
 
 
 def prepare(raw_dir: str, data_dir: str, *, bands=grid.PS1_BANDS, image_size: int = 288,
-            stretch_beta: float = 2.5, min_valid_pixels: int = 500, num_workers: int = 1,
+            softening_sigmas: float = 2.5, min_valid_pixels: int = 500, num_workers: int = 1,
             beam_runner: str | None = None, beam_options: str = "") -> dict:
   """Builds (or reuses) the dataset; returns the summary that the CLI prints as JSON.
 
@@ -67,7 +71,7 @@ def prepare(raw_dir: str, data_dir: str, *, bands=grid.PS1_BANDS, image_size: in
     beam = astropixel.import_beam()
     pipeline_options = beam.options.pipeline_options.PipelineOptions(
         flags=shlex.split(beam_options))
-  config = astropixel.make_config(bands, image_size, stretch_beta, min_valid_pixels)
+  config = astropixel.make_config(bands, image_size, softening_sigmas, min_valid_pixels)
   # tfds refuses a custom config named like a registered one: pass registered ones by name.
   registered = {c.name for c in astropixel.Astropixel.BUILDER_CONFIGS}
   builder = astropixel.Astropixel(data_dir=_absolute(data_dir),
@@ -126,7 +130,7 @@ def main(argv):
   del argv
   f = flags.FLAGS
   result = prepare(f.raw_dir, f.data_dir, bands=tuple(f.bands.split(",")),
-                   image_size=f.image_size, stretch_beta=f.stretch_beta,
+                   image_size=f.image_size, softening_sigmas=f.softening_sigmas,
                    min_valid_pixels=f.min_valid_pixels, num_workers=f.num_workers,
                    beam_runner=f.beam_runner, beam_options=f.beam_options)
   sys.stdout.write(json.dumps(result) + "\n")
@@ -137,7 +141,9 @@ if __name__ == "__main__":
   flags.DEFINE_string("data_dir", None, "tfds data_dir to write the shards into.")
   flags.DEFINE_string("bands", ",".join(grid.PS1_BANDS), "Band order of the image axis.")
   flags.DEFINE_integer("image_size", 288, "Stored image size; must divide 288 (mean-binned).")
-  flags.DEFINE_float("stretch_beta", 2.5, "asinh softening in units of the sky sigma.")
+  flags.DEFINE_float("softening_sigmas", 2.5,
+                     "asinh softening in units of the PS1 median sky noise per pixel of each band "
+                     "(nanomaggies: preprocess.ps1_sky_sigma_nmgy).")
   flags.DEFINE_integer("min_valid_pixels", 500, "Reject spectra with fewer valid grid pixels.")
   flags.DEFINE_integer("num_workers", min(os.cpu_count() or 1, 8),
                        "Processes reading galaxies (1: this one; without --beam_runner).")

@@ -1,8 +1,10 @@
-"""Pure-numpy preprocessing: image stretch and binning, spectrum resampling, split assignment.
+"""Pure-numpy preprocessing: calibration and stretch of images, binning, spectrum resampling,
+split assignment.
 
-Units: images in the linear flux units of the PS1 cutouts (already sky-subtracted by the PS1
-stack pipeline, so 0 is the sky level); wavelengths in Angstrom (vacuum, observed frame); flux
-densities in 1e-17 erg/s/cm^2/Angstrom, inverse variances in their inverse square.
+Units: cutouts in linear counts (already sky-subtracted by the PS1 stack pipeline, so 0 is the
+sky level), calibrated by each band's header zero point to nanomaggies (AB mag = 22.5 - 2.5
+log10 f); wavelengths in Angstrom (vacuum, observed frame); flux densities in
+1e-17 erg/s/cm^2/Angstrom, inverse variances in their inverse square.
 """
 
 import functools
@@ -16,19 +18,14 @@ from astra_jax import grid
 
 # Stable rejection reasons (PreprocessError.reason).
 MOSTLY_NONFINITE = "mostly non-finite image"
-ZERO_SKY_SIGMA = "zero sky sigma (constant image)"
+NO_ZERO_POINT = "no usable zero point (MAGZERO or EXPTIME)"
 
-#: Robust sky statistics use at least this many pixels (a fixed strided subsample, for speed).
-SKY_SAMPLE_PIXELS = 16384
 #: Input spectra whose log10(wavelength) sits within this of the grid lattice are copied.
 LATTICE_TOL_DEX = 1e-6
 #: Off-lattice resampling: a grid pixel is "measured" when good source pixels cover at least
 #: this fraction of its width (no extrapolation beyond the measured range).
 MIN_COVERAGE = 0.5
 SPLITS = ("train", "validation", "test")
-SIGMA_METHODS = ("clipped", "difference")  # see sky_stats
-
-_MAD_TO_SIGMA = 1.4826  # sigma / MAD for a Gaussian.
 
 
 class PreprocessError(ValueError):
@@ -45,78 +42,92 @@ class PreprocessError(ValueError):
 
 # --------------------------------------------------------------------------- images
 
-
-def _sky_sample(image: np.ndarray) -> np.ndarray:
-  """Finite pixels of a deterministic strided subsample: every s-th row and column with s chosen
-  so that at least SKY_SAMPLE_PIXELS remain (s = 2 for 288 x 288: 20736), float32 (m,)."""
-  step = max(1, int(math.sqrt(image.size / SKY_SAMPLE_PIXELS)))
-  x = np.asarray(image, np.float32)[::step, ::step].ravel()
-  return x[np.isfinite(x)]
-
-
-def _median(x: np.ndarray) -> float:
-  """Upper median (element n // 2 in sorted order) of a non-empty 1-D array: np.partition is
-  ~7x faster than np.median, and half a rank makes no difference to a robust statistic."""
-  k = x.size // 2
-  return float(np.partition(x, k)[k])
+#: Pan-STARRS1 stack cutouts: 0.25 arcsec per pixel.
+PS1_PIXEL_SCALE_ARCSEC = 0.25
+#: The PS1 3pi stacks' median 5 sigma point-source depth (AB mag) and median seeing (FWHM,
+#: arcsec) per band: Chambers et al. 2016, arXiv:1612.05560.
+PS1_DEPTH5_AB = {"g": 23.3, "r": 23.2, "i": 23.1, "z": 22.3, "y": 21.4}
+PS1_SEEING_FWHM_ARCSEC = {"g": 1.31, "r": 1.19, "i": 1.11, "z": 1.07, "y": 1.02}
+#: FWHM / sigma of a Gaussian, 2 sqrt(2 ln 2).
+_FWHM_PER_SIGMA = 2.355
 
 
-def _pair_differences(image: np.ndarray) -> np.ndarray:
-  """(x[i, 2j] - x[i, 2j + 1]) / sqrt(2) on every s-th row (s chosen so that at least
-  SKY_SAMPLE_PIXELS remain), finite ones only, float32 (m,): independent pairs whose spread is
-  the pixel noise, with light that is smooth on a 1-pixel scale cancelled."""
-  image = np.asarray(image, np.float32)
-  step = max(1, int(image.size / (2 * SKY_SAMPLE_PIXELS)))
-  w = image.shape[-1] // 2 * 2
-  d = (image[::step, 0:w:2] - image[::step, 1:w:2]).ravel() * np.float32(math.sqrt(0.5))
-  return d[np.isfinite(d)]
+def ps1_sky_sigma_nmgy(band: str) -> float:
+  """The PS1 3pi stacks' median sky noise per 0.25" pixel in `band`, nanomaggies: a survey
+  constant, from the published depth and seeing (PS1_DEPTH5_AB, PS1_SEEING_FWHM_ARCSEC).
 
+  A point source of flux f measured with its PSF (optimal weights) over white sky noise
+  sigma_pix per pixel has noise sigma_pix sqrt(NEA), NEA = 1 / sum(PSF^2) the noise-equivalent
+  area; a Gaussian PSF of FWHM w has NEA = 4 pi (w / 2.355 / 0.25")^2 pixels. The 5 sigma depth
+  m5 is the flux f5 = 10^(-0.4 (m5 - 22.5)) nanomaggies = 5 sigma_pix sqrt(NEA), so
 
-def _clipped_stats(x: np.ndarray, nsigma: float, iterations: int):
-  """(median, 1.4826 MAD) of non-empty x after iterative nsigma clipping around the median."""
-  for _ in range(iterations):
-    level = _median(x)
-    dev = np.abs(x - np.float32(level))
-    mad = _median(dev)
-    keep = dev <= nsigma * _MAD_TO_SIGMA * mad
-    if keep.all():  # Converged: (level, mad) are those of the survivors already.
-      return level, _MAD_TO_SIGMA * mad
-    x = x[keep]
-  level = _median(x)
-  return level, _MAD_TO_SIGMA * _median(np.abs(x - np.float32(level)))
+    sigma_pix = f5 / (5 sqrt(NEA)):
+      band  m5    w ["]  f5 [nmgy]  NEA [px]  sigma_pix [nmgy]
+      g     23.3  1.31   0.4786     62.2      0.01214
+      r     23.2  1.19   0.5248     51.3      0.01465
+      i     23.1  1.11   0.5754     44.7      0.01722
+      z     22.3  1.07   1.2023     41.5      0.03732
+      y     21.4  1.02   2.7542     37.7      0.08969
 
-
-def sky_stats(image: np.ndarray, nsigma: float = 3.0, iterations: int = 5,
-              method: str = "clipped"):
-  """Robust sky (level, sigma) of a 2-D image, in the image's flux units; (nan, nan) if no
-  finite pixel.
-
-  Pixels of a strided subsample (see `_sky_sample`) are clipped iteratively at `nsigma` times
-  1.4826 MAD around the median (at most `iterations` times, stopping once nothing is clipped);
-  level = median of the survivors. sigma by `method`:
-    "clipped": 1.4826 MAD of the survivors. Compact sources are clipped, but a galaxy filling
-      much of the cutout (low z) leaves faint wings in: +15-20% seen on such mock galaxies.
-    "difference": the same clipped statistic of neighbouring-pixel differences / sqrt(2)
-      (`_pair_differences`), which cancel extended light (within 3% on those galaxies). Noise
-      correlated between neighbours (resampled PS1 warps, correlation rho) scales it by
-      sqrt(1 - rho): a survey-wide constant that beta absorbs.
-  ~0.6 ms for 288 x 288 ("difference" ~1 ms).
+  Check against the mock survey (astra_jax.data.mock), whose stacks have 7-19 epochs per band
+  and galaxy: the median of SKYSIG x 10^(-0.4 (MAGZERO - 22.5)) over 384 mock galaxies is
+  0.01157, 0.01458, 0.01641, 0.03557, 0.08549 (g to y), 0.5-5 % below these; its PSF has
+  wings (NEA 10 % above the Gaussian's at the same FWHM), hence a 4.7 % smaller sigma_pix for
+  the same depth.
+  Raises KeyError for a band that is not a PS1 band.
   """
-  if method not in SIGMA_METHODS:
-    raise ValueError(f"method must be one of {SIGMA_METHODS}, got {method!r}")
-  x = _sky_sample(image)
-  if x.size == 0:
-    return math.nan, math.nan
-  level, sigma = _clipped_stats(x, nsigma, iterations)
-  if method == "difference":
-    d = _pair_differences(image)
-    sigma = _clipped_stats(d, nsigma, iterations)[1] if d.size else math.nan
-  return level, sigma
+  f5 = 10.0 ** (-0.4 * (PS1_DEPTH5_AB[band] - 22.5))
+  nea = 4.0 * math.pi * (PS1_SEEING_FWHM_ARCSEC[band] / _FWHM_PER_SIGMA
+                         / PS1_PIXEL_SCALE_ARCSEC) ** 2
+  return f5 / (5.0 * math.sqrt(nea))
 
 
-def sky_sigma(image: np.ndarray, method: str = "clipped") -> float:
-  """Robust background noise sigma of a 2-D image (image flux units); see `sky_stats`."""
-  return sky_stats(image, method=method)[1]
+def ps1_softening_nmgy(bands: Sequence[str], sky_sigmas: float) -> tuple[float, ...]:
+  """The asinh softening of `stretch` per band, in nanomaggies: `sky_sigmas` times the PS1
+  median sky noise per pixel (`ps1_sky_sigma_nmgy`), bands in the given order."""
+  unknown = [b for b in bands if b not in PS1_DEPTH5_AB]
+  if unknown:
+    raise ValueError(f"no PS1 sky noise for bands {unknown}; PS1 bands are {tuple(PS1_DEPTH5_AB)}")
+  if not sky_sigmas > 0:
+    raise ValueError(f"the softening must be > 0 sky sigmas, got {sky_sigmas}")
+  return tuple(float(sky_sigmas) * ps1_sky_sigma_nmgy(b) for b in bands)
+
+
+#: The header keys `zero_point` reads.
+ZERO_POINT_KEYS = ("MAGZERO", "EXPTIME")
+
+
+def _header_number(header, key: str) -> float:
+  """header[key] as a float; NaN when missing or not a number."""
+  try:
+    return float(header[key])
+  except (KeyError, TypeError, ValueError):
+    return math.nan
+
+
+def zero_point(header) -> float:
+  """AB zero point of a cutout (AB mag = zp - 2.5 log10 counts): a finite MAGZERO, else
+  25 + 2.5 log10(EXPTIME) for a finite EXPTIME > 0 (PS1 stacks); NaN if neither.
+
+  header: a fits.Header or any mapping of those keys.
+  """
+  magzero = _header_number(header, "MAGZERO")
+  if math.isfinite(magzero):
+    return magzero
+  exptime = _header_number(header, "EXPTIME")
+  if math.isfinite(exptime) and exptime > 0:
+    return float(25.0 + 2.5 * np.log10(exptime))
+  return math.nan
+
+
+def zero_points(headers) -> np.ndarray:
+  """(bands,) float64 `zero_point` of each band's header."""
+  return np.array([zero_point(h) for h in headers], np.float64)
+
+
+def nmgy_per_count(zp) -> np.ndarray:
+  """Nanomaggies per count at AB zero point(s) `zp`: 10^(-0.4 (zp - 22.5)), float64."""
+  return 10.0 ** (-0.4 * (np.asarray(zp, np.float64) - 22.5))
 
 
 def asinh(x: np.ndarray, out: Optional[np.ndarray] = None) -> np.ndarray:
@@ -141,52 +152,55 @@ def asinh(x: np.ndarray, out: Optional[np.ndarray] = None) -> np.ndarray:
   return np.copysign(y, x, out=y if out is None else out)
 
 
-def stretch(images: np.ndarray, beta: float, max_bad_fraction: float = 0.5,
-            subtract_sky: bool = False, sigma_method: str = "clipped"):
-  """Lupton-style asinh stretch, band by band: asinh(x / (beta * sky_sigma)).
+def stretch(images: np.ndarray, zps: Sequence[float], softening_nmgy: Sequence[float],
+            max_bad_fraction: float = 0.5) -> np.ndarray:
+  """Calibrated asinh stretch, band by band: asinh(f / softening_nmgy[b]), with
+  f = counts * 10^(-0.4 (zps[b] - 22.5)) the pixel's flux in nanomaggies.
+
+  The softening is a fixed survey constant per band (e.g. `ps1_softening_nmgy`), never the
+  cutout's own noise, so a pixel's value depends on its calibrated flux alone: a galaxy and a
+  copy in other units (counts x k, zero point + 2.5 log10 k) give the same values, and one
+  observed with less exposure the same values within its larger noise. |f| << softening is
+  linear, |f| >> softening logarithmic; f = softening_nmgy[b] * sinh(value) inverts it.
 
   Args:
-    images: (bands, H, W) linear flux (sky-subtracted; subtract_sky=True also removes the
-      robust sky level first, for cutouts with a residual pedestal).
-    beta: softening in units of the band's sky sigma (> 0); |x| << beta*sigma is linear,
-      |x| >> beta*sigma logarithmic.
+    images: (bands, H, W) linear, sky-subtracted counts.
+    zps: (bands,) AB zero points (`zero_point`).
+    softening_nmgy: (bands,) asinh softening, nanomaggies per pixel, > 0.
     max_bad_fraction: more non-finite pixels than this fraction of a band is an error.
-    subtract_sky: also subtract the robust sky level (see `images`).
-    sigma_method: how sky_sigma is measured, "clipped" or "difference" (see sky_stats).
   Returns:
-    (stretched (bands, H, W) float32 with non-finite pixels at 0 = sky,
-     info dict: n_nonfinite (bands,) int64, sky_sigma (bands,) float64, sky_level (bands,)
-     float64, all in input flux units).
+    (bands, H, W) float32, non-finite pixels at 0 (= sky).
   Raises:
-    PreprocessError(MOSTLY_NONFINITE | ZERO_SKY_SIGMA, band).
+    PreprocessError(NO_ZERO_POINT | MOSTLY_NONFINITE, band): a non-finite zero point; too many
+      non-finite pixels.
   """
   images = np.asarray(images)
   if images.ndim != 3:
     raise ValueError(f"images must be (bands, H, W), got shape {images.shape}")
-  if not beta > 0:
-    raise ValueError(f"beta must be > 0, got {beta}")
+  zps = np.asarray(zps, np.float64)
+  softening = np.asarray(softening_nmgy, np.float64)
   nbands = images.shape[0]
+  if zps.shape != (nbands,) or softening.shape != (nbands,):
+    raise ValueError(f"{nbands} bands need {nbands} zero points and softenings, got "
+                     f"{zps.shape} and {softening.shape}")
+  if not np.all(softening > 0) or not np.all(np.isfinite(softening)):
+    raise ValueError(f"softening_nmgy must be finite and > 0, got {softening_nmgy}")
+  scale = nmgy_per_count(zps) / softening
   out = np.empty(images.shape, np.float32)
-  info = {"n_nonfinite": np.zeros(nbands, np.int64), "sky_sigma": np.zeros(nbands),
-          "sky_level": np.zeros(nbands)}
   for b in range(nbands):
+    if not (np.isfinite(scale[b]) and scale[b] > 0):  # zp NaN or +-inf.
+      raise PreprocessError(NO_ZERO_POINT, band=b)
     bad = ~np.isfinite(images[b])
     n_bad = int(np.count_nonzero(bad))
     if n_bad > max_bad_fraction * bad.size:
       raise PreprocessError(MOSTLY_NONFINITE, band=b)
-    # On the raw band: the zero fill of non-finite pixels must not count.
-    level, sigma = sky_stats(images[b], method=sigma_method)
-    if not sigma > 0:
-      raise PreprocessError(ZERO_SKY_SIGMA, band=b)
     # Everything in place in out[b]: no copy of the band beyond this one.
     image = out[b]
-    np.subtract(images[b], np.float32(level) if subtract_sky else np.float32(0.0), out=image)
+    np.multiply(images[b], np.float32(scale[b]), out=image)
     if n_bad:
       image[bad] = 0.0  # The sky level: a masked pixel reads as blank sky.
-    image *= np.float32(1.0 / (beta * sigma))
     asinh(image, out=image)
-    info["n_nonfinite"][b], info["sky_sigma"][b], info["sky_level"][b] = n_bad, sigma, level
-  return out, info
+  return out
 
 
 def bin_image(images: np.ndarray, factor: int) -> np.ndarray:
@@ -331,24 +345,6 @@ def resample_to_grid(wavelength: np.ndarray, flux: np.ndarray,
 
 #: Diameter of the photometric aperture: the SDSS fiber's 3 arcsec.
 APERTURE_DIAMETER_ARCSEC = 3.0
-#: Pan-STARRS1 stack cutouts: 0.25 arcsec per pixel.
-PS1_PIXEL_SCALE_ARCSEC = 0.25
-
-
-#: The header keys `zero_point` reads.
-ZERO_POINT_KEYS = ("MAGZERO", "EXPTIME")
-
-
-def zero_point(header) -> float:
-  """AB zero point of a cutout: MAGZERO, else 25 + 2.5 log10(EXPTIME) (PS1 stacks); NaN if neither.
-
-  header: a fits.Header or any mapping of those keys.
-  """
-  if "MAGZERO" in header:
-    return float(header["MAGZERO"])
-  if "EXPTIME" in header and float(header["EXPTIME"]) > 0:
-    return 25.0 + 2.5 * np.log10(float(header["EXPTIME"]))
-  return float("nan")
 
 
 @functools.lru_cache(maxsize=8)
@@ -366,7 +362,7 @@ def aperture_flux(images: np.ndarray, headers, diameter_arcsec: float = APERTURE
                   pixel_scale_arcsec: float = PS1_PIXEL_SCALE_ARCSEC) -> np.ndarray:
   """Flux in a centred circular aperture per band, in nanomaggies (AB mag = 22.5 - 2.5 log10 f).
 
-  images: (bands, H, W) linear, sky-subtracted counts; headers: per band, with MAGZERO or EXPTIME.
+  images: (bands, H, W) linear, sky-subtracted counts; headers: per band (`zero_point`).
   Pixels count whole if their centre is inside the aperture; non-finite pixels count as 0.
   Returns (bands,) float32, NaN for a band without a zero point.
   """
@@ -375,8 +371,7 @@ def aperture_flux(images: np.ndarray, headers, diameter_arcsec: float = APERTURE
   # Only the aperture's pixels (~110 for 3" at 0.25"/px) are read, and summed in float64.
   selected = images.reshape(len(images), -1)[:, inside].astype(np.float64)
   counts = np.where(np.isfinite(selected), selected, 0.0).sum(axis=1)
-  zps = np.array([zero_point(hd) for hd in headers])
-  return (counts * 10.0 ** (-0.4 * (zps - 22.5))).astype(np.float32)
+  return (counts * nmgy_per_count(zero_points(headers))).astype(np.float32)
 
 
 def count_valid(weight: np.ndarray) -> int:

@@ -35,7 +35,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.num_galaxies = 2000     # Size of the default mock survey.
   c.mock_seed = 0
   c.bands = "g,r,i,z,y"     # Fixed band order of the images.
-  c.stretch_beta = 2.5      # asinh stretch softening, in units of the sky noise sigma.
+  # Images are nanomaggies (each band by its zero point), stretched as asinh(f / softening) with
+  # softening = softening_sigmas x the PS1 3pi median sky noise per pixel of the band
+  # (preprocess.ps1_sky_sigma_nmgy: 0.012-0.090 nanomaggies, g to y): a survey constant.
+  c.softening_sigmas = 2.5  # Dimensionless: asinh softening in PS1 median sky sigmas.
   c.image_size = 96         # Model input size in pixels; the 288x288 cutouts are mean-binned to it.
   c.shuffle_buffer = 1024
   c.augment = True          # The 8 flips/90-degree rotations of the image; the spectrum is unchanged.

@@ -15,6 +15,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from astra_jax import grid
+from astra_jax import photometry
 from astra_jax.data import astropixel
 from astra_jax.data import datasets
 from astra_jax.data import examples
@@ -152,7 +153,8 @@ def test_stored_examples_match_the_raw_files(survey):
   spec = ds.element_spec
   assert spec["image"].shape == (5, 32, 32) and spec["flux"].shape == (grid.NUM_PIXELS,)
   assert {k for k in spec} == {"image", "flux", "weight", "z", "has_z", "specobj_id", "ra", "dec",
-                               "aperture_flux"}
+                               "aperture_flux", "aperture_fluxes"}
+  assert spec["aperture_fluxes"].shape == (5, len(photometry.DIAMETERS_ARCSEC))
   assert str(builder.info.version) == astropixel.CALIBRATED_VERSION == "2.0.0"
   meta = builder.info.metadata
   softening = preprocess.ps1_softening_nmgy(grid.PS1_BANDS, 2.5)
@@ -183,6 +185,9 @@ def test_stored_examples_match_the_raw_files(survey):
     # broader than the image PSF) it holds at least as much light, within 0.6 mag.
     np.testing.assert_allclose(ex["aperture_flux"], preprocess.aperture_flux(images, headers),
                                rtol=1e-6)
+    np.testing.assert_array_equal(ex["aperture_fluxes"],
+                                  photometry.aperture_fluxes(images, headers))
+    np.testing.assert_array_equal(ex["aperture_fluxes"][:, 1], ex["aperture_flux"])
     fiber = preprocess.aperture_flux(images, headers, float(truth["fiber_diameter_arcsec"]))
     excess = float(truth["fibermag_r_ab"]) - (22.5 - 2.5 * np.log10(fiber[1]))
     assert -0.1 < excess < 0.6, (specobj_id, excess)

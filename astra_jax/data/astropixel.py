@@ -31,6 +31,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from astra_jax import grid
+from astra_jax import photometry
 from astra_jax.data import examples
 from astra_jax.data import fits_io
 from astra_jax.data import preprocess
@@ -161,6 +162,9 @@ class Astropixel(tfds.core.GeneratorBasedBuilder):
   sigma instead, ignoring the zero point; training refuses them (`datasets.check_dataset`).
   `aperture_flux` (bands,) float32: nanomaggies in the SDSS fiber's 3 arcsec diameter, measured on
   the linear cutouts (for colour baselines; AB mag = 22.5 - 2.5 log10 f).
+  `aperture_fluxes` (bands, 5) float32: nanomaggies in the 1.5, 3, 6, 10 and 20 arcsec diameters
+  of `photometry.DIAMETERS_ARCSEC` (the 3 arcsec column is `aperture_flux`), for the
+  photometric baselines.
   `flux` (4000,) float32: 1e-17 erg/s/cm^2/Angstrom on log10(lambda) = 3.58 + 1e-4 i (vacuum,
   observed frame). `weight` (4000,) float32: ivar (1e-17 erg/s/cm^2/A)^-2 where the source has
   it, 1 inside the measured range where it has not, 0 outside, masked or non-finite.
@@ -175,7 +179,8 @@ class Astropixel(tfds.core.GeneratorBasedBuilder):
                             "band (a survey constant, in the metadata), where 1.x divided by "
                             "the cutout's own sky sigma and ignored the zero point (colours "
                             "off by a random 0.15-0.18 mag, the flux scale lost); a band "
-                            "without a zero point is rejected."}
+                            "without a zero point is rejected; aperture_fluxes (bands, 5) "
+                            "added."}
   BUILDER_CONFIGS = [make_config(), make_config(image_size=96)]
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
       "Point manual_dir (prepare's --raw_dir) at a folder in ASTROPIXEL layout: data.csv and "
@@ -208,6 +213,11 @@ class Astropixel(tfds.core.GeneratorBasedBuilder):
             "aperture_flux": tfds.features.Tensor(
                 shape=(len(cfg.bands),), dtype=np.float32,
                 doc="nanomaggies in a 3 arcsec diameter aperture, bands in config order"),
+            photometry.KEY: tfds.features.Tensor(
+                shape=(len(cfg.bands), len(photometry.DIAMETERS_ARCSEC)), dtype=np.float32,
+                doc="nanomaggies in apertures of diameter "
+                    f"{', '.join(f'{d:g}' for d in photometry.DIAMETERS_ARCSEC)} arcsec, "
+                    "bands in config order"),
             "flux": tfds.features.Tensor(shape=(grid.NUM_PIXELS,), dtype=np.float32,
                                          encoding=raw,
                                          doc="1e-17 erg/s/cm^2/Angstrom on the fixed grid"),
@@ -229,6 +239,7 @@ class Astropixel(tfds.core.GeneratorBasedBuilder):
                        "(AB mag = 22.5 - 2.5 log10 f) by its band's zero point",
             softening_nmgy=list(cfg.softening_nmgy), softening_sigmas=cfg.softening_sigmas,
             sky_sigma_nmgy=[s / cfg.softening_sigmas for s in cfg.softening_nmgy],
+            aperture_diameters_arcsec=list(photometry.DIAMETERS_ARCSEC),
             loglam0=grid.LOGLAM0, dloglam=grid.DLOGLAM, num_pixels=grid.NUM_PIXELS,
             flux_unit="1e-17 erg/s/cm^2/Angstrom", wavelength="vacuum, observed frame"),
         homepage="https://www.kaggle.com/datasets/",

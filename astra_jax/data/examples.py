@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 
 from astra_jax import grid
+from astra_jax import photometry
 from astra_jax.data import fits_io
 from astra_jax.data import preprocess
 
@@ -102,9 +103,13 @@ def galaxy_example(galaxy_dir: str, row: fits_io.CatalogRow, config) -> dict:
   has_z = bool(np.isfinite(z))
   paths = [fits_io.band_path(galaxy_dir, row.specobj_id, b) for b in config.bands]
   image = image_example(galaxy.images, galaxy.headers, config, paths)
+  fluxes = photometry.aperture_fluxes(galaxy.images, galaxy.headers)
   return {
       "image": image,
-      "aperture_flux": preprocess.aperture_flux(galaxy.images, galaxy.headers),
+      # The 3 arcsec column is preprocess.aperture_flux (the colour baseline's), exactly.
+      "aperture_flux": fluxes[:, photometry.DIAMETERS_ARCSEC.index(
+          preprocess.APERTURE_DIAMETER_ARCSEC)],
+      "aperture_fluxes": fluxes,
       "flux": flux.astype(np.float32),
       "weight": weight.astype(np.float32),
       "z": np.float32(z if has_z else 0.0),

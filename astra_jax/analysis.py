@@ -137,31 +137,37 @@ def z_interval(pdf: np.ndarray, edges: np.ndarray,
 
 @functools.lru_cache(maxsize=16)
 def _predict_fn(model: astra_model.Astra, return_attention: bool):
-  """Jitted (params, images (B, bands, H, W)) -> dict of per-galaxy outputs, B-sharded."""
+  """Jitted (params, images (B, bands, H, W), aperture_fluxes (B, bands, 5) or None) -> dict of
+  per-galaxy outputs, B-sharded."""
   centers = jnp.asarray(model.z_centers())
 
-  def fn(params, images):
-    out = model.apply({"params": params}, images, train=False, return_attention=return_attention)
+  def fn(params, images, aperture_fluxes):
+    out = model.apply({"params": params}, images, aperture_fluxes, train=False,
+                      return_attention=return_attention)
     stats = astra_model.z_pdf_stats(out["z_logits"], centers)
     pred = dict(flux=losses.denormalise(out["spectrum"], out["log_norm"]),
                 spectrum=out["spectrum"], log_norm=out["log_norm"], z_pdf=stats["pdf"],
-                z_mean=stats["mean"], z_mode=stats["mode"])
+                z_mean=stats["mean"], z_mode=stats["mode"], z_median=stats["median"])
     if return_attention:
       pred["attention"] = jnp.mean(out["attention"], axis=1)
     return pred
   return jax.jit(fn)
 
 
-def predict(model: astra_model.Astra, params, images: np.ndarray, batch_size: int = 64,
+def predict(model: astra_model.Astra, params, images: np.ndarray,
+            aperture_fluxes: np.ndarray | None = None, batch_size: int = 64,
             return_attention: bool = False) -> dict[str, np.ndarray]:
   """The model's predictions for images (N, bands, H, W), as numpy.
 
   Images are asinh-stretched: float16 as prepared datasets and `predict.load_galaxy` give them,
-  or float32; other dtypes are converted to float32.
+  or float32; other dtypes are converted to float32. `aperture_fluxes` (N, bands, 5) float32
+  nanomaggies, `photometry.aperture_fluxes` of the same cutouts (as datasets store them and
+  `predict.load_galaxy` measures them), are needed by a model that `uses_photometry`.
 
   Returns `flux` (N, 4000) in 1e-17 erg/s/cm^2/Angstrom, `spectrum` (N, 4000) normalised,
   `log_norm` (N,) log10(norm / 1e-17 erg/s/cm^2/Angstrom), `z_pdf` (N, num_z_bins) on
-  `z_edges(model)`, `z_mean`, `z_mode` (N,), `z_lo`, `z_hi` (N,) the central 68 % interval, and
+  `z_edges(model)`, `z_mean`, `z_mode`, `z_median` (N,; the median is the point estimate),
+  `z_lo`, `z_hi` (N,) the central 68 % interval, and
   with `return_attention` `attention` (N, H/p, W/p): the summary token's last-block attention over
   the patch grid, averaged over heads. Batches of `batch_size` (rounded up to a multiple of the
   local device count) are split over the local devices; the last one is zero-padded and the
@@ -171,6 +177,14 @@ def predict(model: astra_model.Astra, params, images: np.ndarray, batch_size: in
   if images.dtype not in (np.float16, np.float32):
     images = images.astype(np.float32)
   n = len(images)
+  if aperture_fluxes is None:
+    if model.uses_photometry:
+      raise ValueError("this model needs aperture_fluxes (N, bands, 5) nanomaggies of the same "
+                       "cutouts: photometry.aperture_fluxes(images, headers) on the FITS files")
+    aperture_fluxes = np.ones((n, images.shape[1], 5), np.float32)  # Unused by the model.
+  aperture_fluxes = np.asarray(aperture_fluxes, np.float32)
+  if aperture_fluxes.shape[0] != n:
+    raise ValueError(f"{n} images but {aperture_fluxes.shape[0]} rows of aperture_fluxes")
   mesh = local_mesh()
   ndev = mesh.size
   params = jax.device_put(params, sharding.replicated(mesh))
@@ -178,11 +192,11 @@ def predict(model: astra_model.Astra, params, images: np.ndarray, batch_size: in
   fn = _predict_fn(model, return_attention)
   parts: dict[str, list[np.ndarray]] = {}
   for start in range(0, n, batch):
-    chunk = images[start:start + batch]
+    chunk, fluxes = images[start:start + batch], aperture_fluxes[start:start + batch]
     real = len(chunk)
     # One shape for every full batch (one compilation); padding galaxies are zeros, dropped below.
-    chunk = np.concatenate([chunk, np.zeros((batch - real, *images.shape[1:]), images.dtype)])
-    out = fn(params, jax.device_put(chunk, sharding.batch_sharding(mesh)))
+    pad = lambda x: np.concatenate([x, np.zeros((batch - real, *x.shape[1:]), x.dtype)])
+    out = fn(params, *jax.device_put((pad(chunk), pad(fluxes)), sharding.batch_sharding(mesh)))
     for k, v in jax.device_get(out).items():
       parts.setdefault(k, []).append(np.asarray(v)[:real])
   if not parts:
@@ -219,7 +233,7 @@ def _predict_batches(model, params, batches: Iterable[dict], *, batch_size: int,
     if not mask.any():
       continue
     images = batch["image"][mask]
-    pred = predict(model, params, images, batch_size=batch_size,
+    pred = predict(model, params, images, batch["aperture_fluxes"][mask], batch_size=batch_size,
                    return_attention=return_attention)
     truth = dict(specobj_id=np.array([s.decode() for s in batch["specobj_id"][mask]]),
                  ra=batch["ra"][mask].astype(np.float64), dec=batch["dec"][mask].astype(np.float64),

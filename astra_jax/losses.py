@@ -87,6 +87,17 @@ def z_bin_index(z: jax.Array, centers: jax.Array) -> jax.Array:
   return jnp.argmin(jnp.abs(z[:, None] - centers[None, :]), axis=-1).astype(jnp.int32)
 
 
+def smoothed_labels(z: jax.Array, centers: jax.Array, sigma: float) -> jax.Array:
+  """Gaussian label smoothing in z: (B, K) float32 targets over the bins with `centers` (K,).
+
+  exp(-(centre - z)^2 / (2 sigma^2)) normalised over the bins to sum 1, so it peaks at the bin
+  nearest z; sigma (in z) > 0. Neighbouring bins (0.6 / 180 = 0.0033 wide in the default model)
+  share the label, which ties the bins' logits together (Pasquet et al. 2019 smooth likewise).
+  """
+  centers = jnp.asarray(centers, jnp.float32)
+  return jax.nn.softmax(-0.5 * ((centers[None, :] - z[:, None]) / sigma) ** 2, axis=-1)
+
+
 def redshift_loss(z_logits: jax.Array, z: jax.Array, has_z: jax.Array, centers: jax.Array, *,
                   sigma: float = 0.0) -> jax.Array:
   """Per-galaxy cross-entropy of the redshift PDF, shape (B,) float32, 0 where has_z is False.
@@ -96,16 +107,14 @@ def redshift_loss(z_logits: jax.Array, z: jax.Array, has_z: jax.Array, centers: 
     z: (B,) true redshift (ignored, may be NaN, where has_z is False).
     has_z: (B,) bool.
     sigma: 0 -> the target is one-hot on the bin containing z (nearest centre; z beyond the range
-      goes to the end bin). sigma > 0 -> the target is a Gaussian in z of std `sigma` evaluated at
-      the bin centres and normalised to sum 1 (a smoothed label; the CE minimum is then the
-      target's entropy, not 0).
+      goes to the end bin). sigma > 0 -> `smoothed_labels` (a Gaussian in z of std `sigma` at
+      the bin centres, normalised to sum 1; the CE minimum is then the target's entropy, not 0).
   """
   centers = jnp.asarray(centers, jnp.float32)
   z = jnp.where(has_z, z.astype(jnp.float32), 0.0)
   log_p = jax.nn.log_softmax(z_logits.astype(jnp.float32), axis=-1)
   if sigma > 0:
-    target = jax.nn.softmax(-0.5 * ((centers[None, :] - z[:, None]) / sigma) ** 2, axis=-1)
-    ce = -jnp.sum(target * log_p, axis=-1)
+    ce = -jnp.sum(smoothed_labels(z, centers, sigma) * log_p, axis=-1)
   else:
     ce = -jnp.take_along_axis(log_p, z_bin_index(z, centers)[:, None], axis=-1)[:, 0]
   return jnp.where(has_z, ce, 0.0)

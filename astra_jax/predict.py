@@ -8,8 +8,10 @@ Input layouts (both may share one folder; an id is any file-name stem, not only 
   DIR/{id}_{band}.fits                        flat
 
 A band file may also be `.fits.fz` or `.fits.gz`. Images go through `examples.image_example`
-with the bands, image_size and softening_sigmas of the checkpoint's config.json: the very code
-that prepared the training set (each band calibrated to nanomaggies by its header's zero point).
+with the bands, image_size and softening_sigmas of the checkpoint's config.json, and their
+aperture photometry (a model input: the photometry token, the amplitude's anchor) through
+`photometry.aperture_fluxes`: the very code that prepared the training set (each band calibrated
+to nanomaggies by its header's zero point).
 A run whose config.json has no softening_sigmas was trained on uncalibrated inputs (astropixel
 before 2.0.0) and is refused (`example_config`). Cutouts must be 288 x 288 (`resize="reject"`,
 the default); with `resize="bin"` any square cutout whose side is a multiple of image_size is
@@ -51,6 +53,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from astra_jax import grid
+from astra_jax import photometry
 from astra_jax.data import examples
 from astra_jax.data import fits_io
 from astra_jax.data import preprocess
@@ -175,8 +178,11 @@ def centre_ra_dec(header, shape: tuple[int, int]) -> tuple[float, float]:
 
 
 def load_galaxy(job: Job, config: examples.ExampleConfig, resize: str
-                ) -> tuple[np.ndarray, float, float]:
-  """(model image (bands, S, S) float16, ra, dec) of one job. Raises fits_io.InputError as
+                ) -> tuple[np.ndarray, np.ndarray, float, float]:
+  """(model image (bands, S, S) float16, aperture_fluxes (bands, 5) float32 nanomaggies, ra, dec)
+  of one job: the image and the photometry by the very functions that prepared the training set
+  (`examples.image_example`, `photometry.aperture_fluxes`, the latter at PS1's 0.25 arcsec per
+  pixel, as the training cutouts). Raises fits_io.InputError as
   `fits_io.read_bands` (MISSING_BAND, UNREADABLE_FITS, NO_IMAGE, INCONSISTENT_SHAPES),
   `check_shape` and `examples.image_example` (NO_ZERO_POINT, MOSTLY_NONFINITE) do."""
   paths = band_files(job, config.bands)
@@ -184,16 +190,33 @@ def load_galaxy(job: Job, config: examples.ExampleConfig, resize: str
   shape = images.shape[1:]
   check_shape(shape, config, resize, job.path)
   image = examples.image_example(images, headers, config, paths)
-  return (image,) + centre_ra_dec(headers[0], shape)
+  return (image, photometry_of(images, headers)) + centre_ra_dec(headers[0], shape)
+
+
+def photometry_of(images: np.ndarray, headers) -> np.ndarray:
+  """`photometry.aperture_fluxes` (bands, 5) float32 nanomaggies of cutouts (bands, S, S) in
+  counts, read as the model reads their image (`check_shape`): pixel counts, not angular scale,
+  matter. A 288 px cutout is measured as is; a side that is a multiple of 288 is mean-binned to
+  288 first (a pixel repeated 2 x 2 gives the same fluxes); any other side is measured with
+  apertures scaled to the same fraction of the cutout and the per-pixel flux kept."""
+  side = images.shape[-1]
+  if side % examples.RAW_IMAGE_SIZE == 0:
+    images = preprocess.bin_image(images, side // examples.RAW_IMAGE_SIZE)
+    return photometry.aperture_fluxes(images, headers).astype(np.float32)
+  ratio = examples.RAW_IMAGE_SIZE / side
+  fluxes = photometry.aperture_fluxes(images, headers,
+                                      pixel_scale=preprocess.PS1_PIXEL_SCALE_ARCSEC * ratio)
+  return (fluxes * ratio**2).astype(np.float32)
 
 
 def load_task(jobs: list[Job], config: examples.ExampleConfig, resize: str) -> dict:
-  """A worker's task: {"ids" (n,), "image" (n, bands, S, S) float16, "ra", "dec" (n,) float64,
-  "rejections": [...]} for the good and the rejected galaxies of `jobs`, in order."""
-  ids, images, coords, rejections = [], [], [], []
+  """A worker's task: {"ids" (n,), "image" (n, bands, S, S) float16, "aperture_fluxes"
+  (n, bands, 5) float32, "ra", "dec" (n,) float64, "rejections": [...]} for the good and the
+  rejected galaxies of `jobs`, in order."""
+  ids, images, fluxes, coords, rejections = [], [], [], [], []
   for job in jobs:
     try:
-      image, ra, dec = load_galaxy(job, config, resize)
+      image, flux, ra, dec = load_galaxy(job, config, resize)
     except fits_io.InputError as e:
       rejections.append(examples.rejection(job.specobj_id, e.path, e.reason, e.detail))
       continue
@@ -202,12 +225,15 @@ def load_task(jobs: list[Job], config: examples.ExampleConfig, resize: str) -> d
       continue
     ids.append(job.specobj_id)
     images.append(image)
+    fluxes.append(flux)
     coords.append((ra, dec))
   size = config.image_size
   coords = np.asarray(coords, np.float64).reshape(-1, 2)
   return dict(ids=ids, rejections=rejections, ra=coords[:, 0], dec=coords[:, 1],
               image=np.stack(images) if images else
-              np.zeros((0, len(config.bands), size, size), np.float16))
+              np.zeros((0, len(config.bands), size, size), np.float16),
+              aperture_fluxes=np.stack(fluxes) if fluxes else
+              np.zeros((0, len(config.bands), len(photometry.DIAMETERS_ARCSEC)), np.float32))
 
 
 class Reader:
@@ -503,13 +529,15 @@ class _Batches:
     """Predicts and writes the first n queued galaxies."""
     from astra_jax import analysis  # pylint: disable=g-import-not-at-top
     ids = [i for p in self._parts for i in p["ids"]]
-    image, ra, dec = (np.concatenate([p[k] for p in self._parts]) for k in ("image", "ra", "dec"))
-    rest = dict(ids=ids[n:], image=image[n:], ra=ra[n:], dec=dec[n:])
+    keys = ("image", "aperture_fluxes", "ra", "dec")
+    image, fluxes, ra, dec = (np.concatenate([p[k] for p in self._parts]) for k in keys)
+    rest = dict(ids=ids[n:], image=image[n:], aperture_fluxes=fluxes[n:], ra=ra[n:], dec=dec[n:])
     self._parts, self._size = ([rest] if rest["ids"] else []), len(rest["ids"])
-    ids, image = ids[:n], image[:n]
+    ids = ids[:n]
     # One input shape for every call (one compilation): the last batch is zero-padded.
-    image = np.concatenate([image, np.zeros((self.batch - n,) + image.shape[1:], image.dtype)])
-    pred = analysis.predict(self.model, self.params, image, batch_size=self.batch)
+    pad = lambda x: np.concatenate([x[:n], np.zeros((self.batch - n,) + x.shape[1:], x.dtype)])
+    pred = analysis.predict(self.model, self.params, pad(image), pad(fluxes),
+                            batch_size=self.batch)
     pred = {k: v[:n] for k, v in pred.items()}
     # FITS strings are ASCII; another character in a file name becomes '?'.
     ascii_ids = np.array([i.encode("ascii", "replace") for i in ids])

@@ -83,11 +83,23 @@ def image_shape(config) -> tuple[int, int, int]:
   return (len(config.bands.split(",")), config.image_size, config.image_size)
 
 
+def aperture_fluxes_shape(config) -> tuple[int, int]:
+  """(bands, apertures) of the model's `aperture_fluxes` input (`photometry.aperture_fluxes`)."""
+  from astra_jax import photometry  # pylint: disable=g-import-not-at-top
+  return (len(config.bands.split(",")), len(photometry.DIAMETERS_ARCSEC))
+
+
+def z_label_sigma(config) -> float:
+  """`config.z_label_sigma`, or 0 (one-hot labels) for configs written before the field existed."""
+  return float(config.get("z_label_sigma", 0.0))
+
+
 def init_state(config, model, tx, mesh: Mesh) -> TrainState:
   """Initialises the train state directly replicated over `mesh` (no host round trip)."""
   def init(rng):
     dummy = jnp.zeros((1, *image_shape(config)), jnp.float32)
-    params = model.init({"params": rng}, dummy, train=False)["params"]
+    fluxes = jnp.ones((1, *aperture_fluxes_shape(config)), jnp.float32)
+    params = model.init({"params": rng}, dummy, fluxes, train=False)["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
   rng = jax.random.key(config.seed)
   return jax.jit(init, out_shardings=replicated(mesh))(rng)
@@ -106,14 +118,15 @@ def abstract_state(config, model, tx, mesh: Mesh) -> TrainState:
 def make_train_step(config, model, tx, mesh: Mesh):
   """Returns `train_step(state, batch, rng) -> (state, metrics)`, jitted with the state donated.
 
-  `batch` is a dict of global arrays sharded along `'data'` (`image`, `flux`, `weight`, `z`,
-  `has_z`); `rng` a replicated key. With `config.augment` each image is flipped/rotated at random
+  `batch` is a dict of global arrays sharded along `'data'` (`image`, `aperture_fluxes`, `flux`,
+  `weight`, `z`, `has_z`); `rng` a replicated key. With `config.augment` each image is flipped/rotated at random
   (`augment.random_dihedral`, drawn from `rng` and the step, the same whatever the device count).
   Metrics are replicated scalars: `loss`, its parts, `grad_norm`, `learning_rate` and `finite`
   (0 when the update was skipped for a non-finite loss or gradient).
   """
   schedule = make_schedule(config)
   z_centers = model.z_centers()
+  z_sigma = z_label_sigma(config)
   num_devices = mesh.shape[DATA_AXIS]
 
   def per_device(state: TrainState, batch, rng):
@@ -125,13 +138,14 @@ def make_train_step(config, model, tx, mesh: Mesh):
       images = augment.random_dihedral(augment_rng, images, device, num_devices)
 
     def loss_fn(params):
-      outputs = model.apply({"params": params}, images, train=True,
+      # Centred circular apertures: the fluxes need no flip or rotation with the image.
+      outputs = model.apply({"params": params}, images, batch["aperture_fluxes"], train=True,
                             rngs={"dropout": dropout_rng})
       # This device's share: num_devices * local sum / global count, so that the pmean of the
       # device losses (and of their gradients) is the loss of the whole global batch.
       return losses.total_loss(outputs, batch, z_weight=config.z_loss_weight,
                                norm_weight=config.norm_loss_weight, z_centers=z_centers,
-                               axis_name=DATA_AXIS)
+                               z_sigma=z_sigma, axis_name=DATA_AXIS)
 
     (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     # The mean over 'data' is the identity on a one-device mesh; it is kept there too, so that
@@ -167,10 +181,14 @@ def make_eval_step(config, model, mesh: Mesh):
   sharded like the batch. Padding examples carry weight 0 and has_z False, so they count nowhere.
   """
   z_centers = model.z_centers()
+  z_sigma = z_label_sigma(config)
 
   def per_device(params, batch):
-    outputs = model.apply({"params": params}, batch["image"], train=False)
-    terms = losses.loss_terms(outputs, batch, z_centers=z_centers)
+    outputs = model.apply({"params": params}, batch["image"], batch["aperture_fluxes"],
+                          train=False)
+    # The redshift term against the same (smoothed) labels as training, so that validation
+    # losses pick the best checkpoint by the objective being minimised.
+    terms = losses.loss_terms(outputs, batch, z_centers=z_centers, z_sigma=z_sigma)
     sums = {k: (lax.psum(s, DATA_AXIS), lax.psum(c, DATA_AXIS)) for k, (s, c) in terms.items()}
     return sums, outputs
 
@@ -219,6 +237,7 @@ def validate_config(config):
         f"a divisor of image_size={config.image_size}")
   check(config.model.dim % config.model.num_heads == 0, "model.num_heads",
         f"a divisor of model.dim={config.model.dim}")
+  check(z_label_sigma(config) >= 0, "z_label_sigma", "a float >= 0 (0: one-hot labels)")
   check(config.eval_every_steps > 0, "eval_every_steps", "an integer > 0")
   check(config.checkpoint_every_steps > 0, "checkpoint_every_steps", "an integer > 0")
   bands = config.bands.split(",")

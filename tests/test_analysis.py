@@ -148,16 +148,19 @@ def test_predict_matches_collect_predictions(run, test_split):
   want = evaluate.collect_predictions(train.make_eval_step(config, model, mesh), params,
                                       test_split, mesh, model)
   images = test_split[0]["image"][test_split[0]["mask"]]
+  fluxes = test_split[0]["aperture_fluxes"][test_split[0]["mask"]]
   # batch_size 3 on 4 devices -> batches of 4: one full batch and one padded with 3 zeros.
-  got = analysis.predict(model, params, images, batch_size=3, return_attention=True)
+  got = analysis.predict(model, params, images, fluxes, batch_size=3, return_attention=True)
   n, num_bins = len(images), model.num_z_bins
   grid_size = config.image_size // config.model.patch_size
   shapes = dict(flux=(n, grid.NUM_PIXELS), spectrum=(n, grid.NUM_PIXELS), log_norm=(n,),
-                z_pdf=(n, num_bins), z_mean=(n,), z_mode=(n,), z_lo=(n,), z_hi=(n,),
+                z_pdf=(n, num_bins), z_mean=(n,), z_mode=(n,), z_median=(n,), z_lo=(n,),
+                z_hi=(n,),
                 attention=(n, grid_size, grid_size))
   assert {k: v.shape for k, v in got.items()} == shapes
-  np.testing.assert_allclose(got["flux"], want["pred_flux"], rtol=1e-5, atol=1e-5)
-  for key in ("spectrum", "log_norm", "z_pdf", "z_mean", "z_mode"):
+  # float32 round-off of different batch shapes: flux reaches ~300 here.
+  np.testing.assert_allclose(got["flux"], want["pred_flux"], rtol=1e-5, atol=1e-4)
+  for key in ("spectrum", "log_norm", "z_pdf", "z_mean", "z_mode", "z_median"):
     np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-5, err_msg=key)
   # Each head's map sums to 1 minus the summary token's self-weight.
   total = got["attention"].sum(axis=(1, 2))

@@ -132,5 +132,8 @@ def test_compare_scores_every_baseline_on_the_same_split(monkeypatch):
                       "| photo trees | photo MLP |")
   median_row = next(line for line in lines if "(PDF median)" in line)
   assert median_row.split(" | ")[2] == "–"                 # ASTRA's scalars have no median.
+  # The headline outlier fraction and bias are those of each predictor's PDF median.
+  eta_row = next(line for line in lines if "outlier fraction" in line)
+  assert eta_row.split(" | ")[-1] == f"{results['photo MLP']['z_median_outlier_fraction']:.4g} |"
   assert len(lines) == 2 + sum(1 for key, _, _ in evaluate.TABLE_ROWS
                                if any(key in results[p] for p in results))

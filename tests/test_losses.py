@@ -257,3 +257,13 @@ def test_overfit_tiny_batch(dtype):
   assert {p.dtype for p in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
   assert np.all(np.isfinite(history))
   assert history[-1] < 0.3 * history[0], history
+
+
+@pytest.mark.parametrize("z", [0.0, 0.1234, 0.3, 0.599])
+def test_smoothed_labels_sum_to_one_and_peak_at_the_true_bin(z):
+  centers = z_bin_centers(180, 0.6)
+  target = np.asarray(losses.smoothed_labels(jnp.array([z]), centers, 0.01))
+  np.testing.assert_allclose(target.sum(), 1.0, rtol=1e-6)
+  assert int(np.argmax(target)) == int(losses.z_bin_index(jnp.array([z]), centers)[0])
+  # Width: bins more than 3 sigma (0.03) from z hold almost nothing.
+  assert target[0, np.abs(centers - z) > 0.03].sum() < 0.01

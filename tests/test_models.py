@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+from astra_jax.models import astra as astra_lib
 from astra_jax.models import (Astra, MultiHeadAttention, PatchCNN, TransformerBlock,
                               TransformerEncoder, patch_grid, sincos_2d, z_bin_centers, z_pdf_stats)
 
@@ -327,3 +328,74 @@ def test_from_config():
   assert Astra.from_config({"dim": 64}).dtype == jnp.float32
   with pytest.raises(ValueError, match="unknown.*num_layer"):
     Astra.from_config({"num_layer": 3})
+
+
+# ---------------------------------------------------------------- photometry token, PDF median
+
+
+def _aperture_fluxes(batch=2, seed=0):
+  """(batch, 5, 5) positive nanomaggies growing with the aperture, as photometry gives them."""
+  rng = np.random.default_rng(seed)
+  growth = np.array([0.3, 0.6, 0.85, 0.95, 1.0])
+  total = rng.uniform(2.0, 50.0, size=(batch, BANDS, 1))
+  return jnp.asarray(total * growth[None, None, :], jnp.float32)
+
+
+def test_photometry_token_shapes_and_needs_fluxes():
+  model = Astra(**TINY, photometry_token=True, log_norm_from_aperture=True)
+  images, fluxes = _images(), _aperture_fluxes()
+  params = _init(model, images, fluxes, train=False)
+  assert params["photometry"]["hidden"]["kernel"].shape == (BANDS * 5 + 1, TINY["dim"])
+  out, state = _apply(model, train=False, return_attention=True, mutable=["intermediates"])(
+      params, images, fluxes)
+  assert out["spectrum"].shape == (2, 4000) and out["log_norm"].shape == (2,)
+  assert out["z_logits"].shape == (2, 20) and out["attention"].shape == (2, 4, 4, 4)
+  # 16 patch tokens + the photometry token + the summary token.
+  (weights,) = state["intermediates"]["encoder"]["block_0"]["attention_weights"]
+  assert weights.shape == (2, 4, 18, 18)
+  assert all(bool(jnp.all(jnp.isfinite(v))) for v in out.values())
+  # The fluxes change the outputs; a model that uses them refuses to run without them.
+  other, _ = _apply(model, train=False, return_attention=True, mutable=["intermediates"])(
+      params, images, fluxes * 3.0)
+  assert float(jnp.max(jnp.abs(other["z_logits"] - out["z_logits"]))) > 1e-6
+  with pytest.raises(ValueError, match="aperture_fluxes"):
+    model.apply({"params": params}, images, train=False)
+  # A model without the options ignores them (same params with or without fluxes).
+  plain = Astra(**TINY)
+  plain_params = _init(plain, images, train=False)
+  np.testing.assert_array_equal(plain.apply({"params": plain_params}, images, train=False)["z_logits"],
+                                plain.apply({"params": plain_params}, images, fluxes, train=False)["z_logits"])
+
+
+def test_log_norm_from_aperture_is_relative_to_the_r_band_3_arcsec_flux():
+  model = Astra(**TINY, log_norm_from_aperture=True)
+  images, fluxes = _images(), _aperture_fluxes()
+  params = _init(model, images, fluxes, train=False)
+  # With the head's output layer zeroed, log_norm is the aperture's own estimate.
+  params = _zero_leaves(params, ["log_norm"])
+  out = model.apply({"params": params}, images, fluxes, train=False)
+  r3 = np.asarray(fluxes)[:, 1, 1]
+  np.testing.assert_allclose(out["log_norm"], np.log10(astra_lib.NMGY_TO_FLAM_R * r3), rtol=1e-5)
+  np.testing.assert_allclose(astra_lib.aperture_log_norm(-fluxes),
+                             np.log10(astra_lib.NMGY_TO_FLAM_R * 0.1), rtol=1e-6)
+
+
+def test_asinh_magnitudes():
+  mag = astra_lib.asinh_magnitudes(jnp.array([100.0, 1.0, 0.0, -1.0, np.nan]))
+  np.testing.assert_allclose(mag[:2], [17.5, 22.5], atol=1e-3)  # 22.5 - 2.5 log10 f when bright.
+  assert bool(jnp.all(jnp.isfinite(mag))) and float(mag[3]) > float(mag[2]) > float(mag[1])
+
+
+def test_pdf_median_matches_the_baselines_rule():
+  from astra_jax import baselines
+  rng = np.random.default_rng(3)
+  logits = rng.normal(size=(6, 20)) * 3
+  centers = z_bin_centers(20, 0.6)
+  stats = z_pdf_stats(jnp.asarray(logits), centers)
+  want = baselines.pdf_median(np.asarray(stats["pdf"], np.float64), np.linspace(0, 0.6, 21))
+  np.testing.assert_allclose(stats["median"], want, atol=1e-5)
+  # A spike in one bin: its centre.
+  spike = np.full((1, 20), -50.0)
+  spike[0, 7] = 50.0
+  np.testing.assert_allclose(z_pdf_stats(jnp.asarray(spike), centers)["median"], centers[7],
+                             atol=1e-6)

@@ -118,15 +118,17 @@ def test_folder_predictions_match_the_prepared_dataset(workdir, tiny_dataset, ra
   summary, rows = full
   _, model, params = analysis.restore(workdir)
   # Every split of the prepared dataset: the same galaxies through `prepare`'s image path.
-  ids, images, coords = [], [], []
+  ids, images, fluxes, coords = [], [], [], []
   for split in ("train", "validation", "test"):
     for batch in pipeline.as_numpy(pipeline.eval_dataset(
         tiny_dataset, split, global_batch=BATCH, extra_keys=("specobj_id", "ra", "dec"))):
       mask = batch["mask"].astype(bool)
       ids += [s.decode() for s in batch["specobj_id"][mask]]
       images.append(batch["image"][mask])
+      fluxes.append(batch["aperture_fluxes"][mask])
       coords.append(np.stack([batch["ra"][mask], batch["dec"][mask]], axis=1))
-  want = analysis.predict(model, params, np.concatenate(images), batch_size=BATCH)
+  want = analysis.predict(model, params, np.concatenate(images), np.concatenate(fluxes),
+                          batch_size=BATCH)
   coords = np.concatenate(coords)
   assert sorted(ids) == sorted(survey_ids(raw_dir)) == sorted(rows) and len(ids) == 24
   assert list(rows) == sorted(rows)  # Rows in id order.
@@ -292,20 +294,21 @@ def test_cli_prints_the_summary(workdir, raw_dir, full, tmp_path):
 
 
 def test_predict_reads_the_array_prepare_stored(tiny_dataset, raw_dir, tmp_path):
-  # The model's input straight from the FITS files (`load_galaxy`, no model) equals the prepared
-  # dataset's image bit for bit: one calibrated image path for both.
+  # The model's inputs straight from the FITS files (`load_galaxy`, no model) equal the prepared
+  # dataset's image and aperture fluxes bit for bit: one calibrated path for both.
   config = predict.example_config(baseline.get_config("tiny"), "run")
   builder = pipeline.load_builder(tiny_dataset)
   assert tuple(builder.info.metadata["softening_nmgy"]) == config.softening_nmgy
   stored = {}
   for split in builder.info.splits:
     for ex in builder.as_dataset(split=split).as_numpy_iterator():
-      stored[ex["specobj_id"].decode()] = ex["image"]
+      stored[ex["specobj_id"].decode()] = ex["image"], ex["aperture_fluxes"]
   jobs, _ = predict.find_galaxies(raw_dir, config.bands)
   assert sorted(j.specobj_id for j in jobs) == sorted(stored) and len(jobs) == 24
   for job in jobs:
-    image, _, _ = predict.load_galaxy(job, config, "reject")
-    np.testing.assert_array_equal(image, stored[job.specobj_id], err_msg=job.specobj_id)
+    image, fluxes, _, _ = predict.load_galaxy(job, config, "reject")
+    np.testing.assert_array_equal(image, stored[job.specobj_id][0], err_msg=job.specobj_id)
+    np.testing.assert_array_equal(fluxes, stored[job.specobj_id][1], err_msg=job.specobj_id)
 
   # A band without a usable zero point: rejected with its reason, naming its file.
   i = jobs[0].specobj_id

@@ -42,6 +42,8 @@ def fake_batch(config, seed=0):
   has_z = np.array([True, True, True, False, False, True, False, False])[:b]
   return {
       "image": rng.normal(size=(b, *train.image_shape(config))).astype(np.float32),
+      "aperture_fluxes": rng.uniform(1.0, 30.0, size=(b, *train.aperture_fluxes_shape(config))
+                                     ).astype(np.float32),
       "flux": (5 + rng.normal(size=(b, grid.NUM_PIXELS))).astype(np.float32),
       "weight": weight,
       "z": rng.uniform(0.02, 0.4, size=b).astype(np.float32),
@@ -270,13 +272,13 @@ def test_train_and_evaluate_end_to_end_and_resume(tmp_path):
   workdir = str(tmp_path / "run")
   results = train.train_and_evaluate(config, workdir)
   scalars = results["scalars"]
-  for key in ("spectrum_r2", "spectrum_mse", "z_mean_sigma_mad", "z_mean_outlier_fraction",
-              "z_mean_bias", "z_crps"):
+  for key in ("spectrum_r2", "spectrum_mse", "z_median_sigma_mad", "z_median_outlier_fraction",
+              "z_median_bias", "z_mean_sigma_mad", "z_crps"):
     assert key in scalars and np.isfinite(scalars[key]), key
   table = open(os.path.join(workdir, "results.md")).read()
   assert "| ASTRA | mean spectrum | colour kNN |" in table and "sigma_MAD" in table
   compared = json.load(open(os.path.join(workdir, "results.json")))["results"]
-  assert set(compared) == {"ASTRA", "mean spectrum", "colour kNN"}
+  assert set(compared) == {"ASTRA", "mean spectrum", "colour kNN", "photo trees", "photo MLP"}
   assert compared["ASTRA"] == pytest.approx(scalars, nan_ok=True)
   saved = json.load(open(os.path.join(workdir, "config.json")))
   assert saved["model"]["dim"] == config.model.dim and saved["data_dir"]
@@ -314,7 +316,9 @@ def test_train_step_computes_the_bf16_model_as_written():
   _, metrics = train.make_train_step(config, model, tx, mesh)(
       state, sharding.to_global(batch, mesh), jax.random.key(config.seed))
   with jax.disable_jit():
-    outputs = model.apply({"params": params}, jnp.asarray(batch["image"]), train=True)
+    outputs = model.apply({"params": params}, jnp.asarray(batch["image"]),
+                          jnp.asarray(batch["aperture_fluxes"]), train=True)
     loss, _ = losses.total_loss(outputs, batch, z_weight=config.z_loss_weight,
-                                norm_weight=config.norm_loss_weight, z_centers=model.z_centers())
+                                norm_weight=config.norm_loss_weight, z_centers=model.z_centers(),
+                                z_sigma=train.z_label_sigma(config))
   np.testing.assert_allclose(float(metrics["loss"]), float(loss), rtol=2e-3)

@@ -1,12 +1,19 @@
 """ASTRA: multi-band image -> (normalised spectrum, log10 normalisation, redshift PDF) transformer.
 
 images (B, bands, H, W) -> PatchCNN -> (B, N, dim) patch tokens, N = (H/p)(W/p)
+  [+ aperture_fluxes (B, bands, 5) -> PhotometryEmbed -> one photometry token, `photometry_token`]
   -> TransformerEncoder (2-D sin-cos positions, appended summary token, pre-norm blocks)
   -> summary token (B, dim) -> SpectrumDecoder (spectrum (B, num_pixels), log_norm (B,))
                             -> RedshiftHead (z_logits (B, num_z_bins)).
 The spectrum is on the fixed grid of `astra_jax.grid` (4000 pixels), divided by the per-galaxy
 normalisation of `astra_jax.losses.normalise_spectrum`; `log_norm` predicts log10 of that
 normalisation, so `losses.denormalise(spectrum, log_norm)` gives flux in 1e-17 erg/s/cm^2/Angstrom.
+With `log_norm_from_aperture` the head predicts it relative to the galaxy's measured r-band 3 arcsec
+aperture flux (see `aperture_log_norm`).
+
+`aperture_fluxes` are `photometry.aperture_fluxes` of the same cutouts (nanomaggies, bands x
+`photometry.DIAMETERS_ARCSEC`): datasets store them, and prediction measures them on the FITS
+files by that same function.
 """
 
 import dataclasses
@@ -18,12 +25,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from astra_jax import photometry
 from astra_jax.grid import NUM_PIXELS
 from astra_jax.models.transformer import TransformerEncoder
 
 PATCH_EMBEDDINGS = ("conv2d", "conv1d", "linear")
 DEFAULT_NUM_Z_BINS = 180
 DEFAULT_Z_MAX = 0.6
+#: Softening of the photometry token's asinh magnitudes (Lupton et al. 1999), in nanomaggies
+#: (~27.5 mag, as the colour kNN's): faint and negative aperture fluxes stay finite.
+PHOTOMETRY_SOFTENING_NMGY = 0.01
+#: (band, aperture) of `aperture_fluxes` that anchors the amplitude: r in the 3 arcsec aperture,
+#: the SDSS fiber's diameter.
+REFERENCE_APERTURE = (photometry.R_BAND, photometry.DIAMETERS_ARCSEC.index(3.0))
+#: f_lambda of 1 nanomaggy at the PS1 r pivot wavelength (6156 Angstrom), in
+#: 1e-17 erg/s/cm^2/Angstrom: 3.631e-29 erg/s/cm^2/Hz x c / lambda^2.
+NMGY_TO_FLAM_R = 0.2873
 
 
 def patch_grid(image_hw: Tuple[int, int], patch_size: int) -> Tuple[int, int]:
@@ -91,6 +108,49 @@ class PatchCNN(nn.Module):
     return nn.Dense(self.dim, dtype=self.dtype, param_dtype=self.param_dtype, name="proj")(x)
 
 
+def asinh_magnitudes(flux: jax.Array, softening: float = PHOTOMETRY_SOFTENING_NMGY) -> jax.Array:
+  """AB asinh magnitudes (Lupton et al. 1999) of fluxes in nanomaggies, any shape, float32;
+  22.5 - 2.5 log10(f) for f >> softening, finite for f <= 0; NaN counts as 0."""
+  flux = jnp.nan_to_num(flux.astype(jnp.float32))
+  return 22.5 - 2.5 / np.log(10.0) * (jnp.arcsinh(flux / (2 * softening)) + np.log(softening))
+
+
+def aperture_log_norm(aperture_fluxes: jax.Array) -> jax.Array:
+  """(B,) float32 log10 of the spectrum normalisation that the r-band 3 arcsec aperture flux
+  implies for a flat f_nu: log10(NMGY_TO_FLAM_R x max(f_r, photometry.FLUX_FLOOR_NMGY)).
+
+  The fiber sees what this aperture sees, so the `log_norm` head only learns the colour- and
+  seeing-dependent correction to it, where it otherwise had to infer the amplitude from pixels.
+  """
+  band, aperture = REFERENCE_APERTURE
+  flux = jnp.nan_to_num(aperture_fluxes[:, band, aperture].astype(jnp.float32))
+  return jnp.log10(NMGY_TO_FLAM_R * jnp.maximum(flux, photometry.FLUX_FLOOR_NMGY))
+
+
+class PhotometryEmbed(nn.Module):
+  """Aperture fluxes (B, bands, apertures) nanomaggies -> one token (B, dim).
+
+  Features (bands * apertures + 1): every asinh magnitude minus the r-band 3 arcsec one (colours
+  and curves of growth, mag), and that magnitude itself as (m - 20) / 2, so all are of order 1;
+  then Dense(dim) -> GELU -> Dense(dim). Catalogue photometry as one more input token (images
+  and photometry together beat either alone: GaZNet, Li et al. 2022).
+  """
+  dim: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, aperture_fluxes: jax.Array) -> jax.Array:
+    mag = asinh_magnitudes(aperture_fluxes)
+    band, aperture = REFERENCE_APERTURE
+    reference = mag[:, band, aperture]
+    x = jnp.concatenate([(mag - reference[:, None, None]).reshape(mag.shape[0], -1),
+                         ((reference - 20.0) / 2.0)[:, None]], axis=1)
+    dense = lambda name: nn.Dense(self.dim, dtype=self.dtype, param_dtype=self.param_dtype,
+                                  name=name)
+    return dense("out")(nn.gelu(dense("hidden")(x), approximate=False))
+
+
 class SpectrumDecoder(nn.Module):
   """Summary token (B, D) -> (spectrum (B, num_pixels) float32, log_norm (B,) float32).
 
@@ -144,22 +204,40 @@ def z_pdf_stats(logits: jax.Array, centers: jax.Array) -> Dict[str, jax.Array]:
   """Redshift PDF summaries of logits (B, num_bins) on bin centres (num_bins,).
 
   Returns a float32 dict: `pdf` (B, num_bins) = softmax(logits) (sums to 1), `mean` (B,) =
-  sum(pdf * z), `mode` (B,) = centre of the argmax bin, `std` (B,) = sqrt(sum(pdf * (z - mean)^2)).
+  sum(pdf * z), `mode` (B,) = centre of the argmax bin, `median` (B,) = where the CDF reaches 1/2
+  (the PDF uniform within each equal-width bin, as `baselines.pdf_median`): the point estimate,
+  `std` (B,) = sqrt(sum(pdf * (z - mean)^2)).
   """
   pdf = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
   centers = jnp.asarray(centers, jnp.float32)
   mean = jnp.sum(pdf * centers, axis=-1)
   mode = centers[jnp.argmax(pdf, axis=-1)]
   std = jnp.sqrt(jnp.sum(pdf * (centers - mean[:, None]) ** 2, axis=-1))
-  return dict(pdf=pdf, mean=mean, mode=mode, std=std)
+  return dict(pdf=pdf, mean=mean, mode=mode, median=pdf_median(pdf, centers), std=std)
+
+
+def pdf_median(pdf: jax.Array, centers: jax.Array) -> jax.Array:
+  """Median (B,) float32 of PDFs (B, K) over equal-width bins with `centers` (K,), linear within
+  the bin where the CDF crosses 1/2."""
+  width = (centers[-1] - centers[0]) / max(centers.shape[0] - 1, 1)
+  cdf = jnp.cumsum(pdf, axis=-1)
+  cdf = cdf / cdf[:, -1:]
+  j = jnp.argmax(cdf >= 0.5, axis=-1)
+  above = jnp.take_along_axis(cdf, j[:, None], axis=-1)[:, 0]
+  mass = jnp.take_along_axis(pdf, j[:, None], axis=-1)[:, 0] / pdf.sum(-1)
+  below = above - mass
+  frac = jnp.where(mass > 0, (0.5 - below) / jnp.where(mass > 0, mass, 1.0), 0.5)
+  return centers[j] - 0.5 * width + jnp.clip(frac, 0.0, 1.0) * width
 
 
 class Astra(nn.Module):
   """The full model; defaults are the seed's (dim 1280, 6 layers, 8 heads, 16-pixel patches).
 
-  `__call__(images (B, bands, H, W), *, train, return_attention=False)` returns a dict of float32:
+  `__call__(images (B, bands, H, W), aperture_fluxes (B, bands, 5) or None, *, train,
+  return_attention=False)` returns a dict of float32:
     spectrum (B, num_pixels): the normalised spectrum (flux / norm),
-    log_norm (B,): log10(norm / (1e-17 erg/s/cm^2/Angstrom)),
+    log_norm (B,): log10(norm / (1e-17 erg/s/cm^2/Angstrom)); with `log_norm_from_aperture`
+      `aperture_log_norm(aperture_fluxes)` plus the head's output,
     z_logits (B, num_z_bins): logits over `z_bin_centers(num_z_bins, z_max)`,
     attention (B, num_heads, H/p, W/p), only if return_attention: the last block's attention of the
       summary token over the patch grid (for maps overlaid on the images).
@@ -170,6 +248,8 @@ class Astra(nn.Module):
   dropout masks are drawn for that row alone), and attention runs through
   `jax.nn.dot_product_attention`. `dtype` is the compute dtype of the stock layers (bf16: params
   float32, matmuls in bf16), `param_dtype` the parameter dtype; outputs are float32 either way.
+  `photometry_token`: `PhotometryEmbed(aperture_fluxes)` joins the patch tokens as one more token.
+  Either photometry option needs `aperture_fluxes` (`uses_photometry`).
   """
   patch_size: int = 16
   dim: int = 1280
@@ -183,12 +263,19 @@ class Astra(nn.Module):
   z_max: float = DEFAULT_Z_MAX
   patch_embedding: str = "conv2d"
   cnn_features: Sequence[int] = (32, 64)
+  photometry_token: bool = False
+  log_norm_from_aperture: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   def __post_init__(self):
     _check_patch_embedding(self.patch_embedding)
     super().__post_init__()
+
+  @property
+  def uses_photometry(self) -> bool:
+    """Whether `__call__` needs `aperture_fluxes`."""
+    return self.photometry_token or self.log_norm_from_aperture
 
   @classmethod
   def from_config(cls, model_config: Mapping[str, Any], dtype: Any = None) -> "Astra":
@@ -217,21 +304,30 @@ class Astra(nn.Module):
     return z_bin_centers(self.num_z_bins, self.z_max)
 
   @nn.compact
-  def __call__(self, images: jax.Array, *, train: bool,
-               return_attention: bool = False) -> Dict[str, jax.Array]:
+  def __call__(self, images: jax.Array, aperture_fluxes: Optional[jax.Array] = None, *,
+               train: bool, return_attention: bool = False) -> Dict[str, jax.Array]:
+    if self.uses_photometry and aperture_fluxes is None:
+      raise ValueError("this model (photometry_token or log_norm_from_aperture) needs "
+                       "aperture_fluxes (B, bands, 5) nanomaggies: photometry.aperture_fluxes")
     grid_shape = patch_grid(images.shape[2:], self.patch_size)
     tokens = PatchCNN(self.patch_size, self.dim, self.patch_embedding, tuple(self.cnn_features),
                       dtype=self.dtype, param_dtype=self.param_dtype, name="embed")(images)
+    extra = None
+    if self.photometry_token:
+      extra = PhotometryEmbed(self.dim, dtype=self.dtype, param_dtype=self.param_dtype,
+                              name="photometry")(aperture_fluxes)[:, None]
     # The heads read the summary token only: unless every block's attention weights are being
     # collected, the last block computes the summary token alone (fewer FLOPs).
     _, summary, attention = TransformerEncoder(
         self.num_layers, self.num_heads, self.mlp_ratio, self.dropout, dtype=self.dtype,
         param_dtype=self.param_dtype, name="encoder")(
-            tokens, grid_shape, train=train,
+            tokens, grid_shape, train=train, extra_tokens=extra,
             summary_only=not self.is_mutable_collection("intermediates"),
             return_attention=return_attention)
     spectrum, log_norm = SpectrumDecoder(self.num_pixels, self.decoder_hidden, dtype=self.dtype,
                                          param_dtype=self.param_dtype, name="decoder")(summary)
+    if self.log_norm_from_aperture:
+      log_norm = log_norm + aperture_log_norm(aperture_fluxes)
     z_logits = RedshiftHead(self.num_z_bins, dtype=self.dtype, param_dtype=self.param_dtype,
                             name="redshift")(summary)
     outputs = dict(spectrum=spectrum, log_norm=log_norm, z_logits=z_logits)

@@ -1,8 +1,10 @@
 """Pre-norm transformer encoder over a grid of patch tokens, plus a learned summary token.
 
-Token layout (B = batch, N = grid_h * grid_w patch tokens in row-major grid order, D = dim):
-`[patch_0, ..., patch_{N-1}, summary]`, i.e. the summary token is APPENDED at index N (= -1), as in
-the seed. The fixed 2-D sin-cos position code is added to the patch tokens only.
+Token layout (B = batch, N = grid_h * grid_w patch tokens in row-major grid order, E optional
+extra tokens, D = dim): `[patch_0, ..., patch_{N-1}, extra_0, ..., extra_{E-1}, summary]`, i.e.
+the summary token is APPENDED last (index -1), as in the seed. The fixed 2-D sin-cos position code
+is added to the patch tokens only (an extra token, such as ASTRA's photometry token, has no place
+on the grid).
 
 Only the summary token leaves the encoder for the heads, so with `summary_only` the last block
 computes the attention, output projection and MLP of the summary token alone (keys and values,
@@ -120,9 +122,10 @@ class TransformerBlock(nn.Module):
 class TransformerEncoder(nn.Module):
   """Position code + appended summary token + `num_layers` pre-norm blocks + final LayerNorm.
 
-  `__call__(tokens (B, N, D), grid_shape=(grid_h, grid_w), *, train, summary_only=False,
-  return_attention=False)` returns `(sequence (B, N+1, D), summary (B, D), summary_attention)`,
-  float32: the final-LayerNorm'd tokens (summary last), the summary token, and, with
+  `__call__(tokens (B, N, D), grid_shape=(grid_h, grid_w), *, train, extra_tokens=None,
+  summary_only=False, return_attention=False)` returns `(sequence (B, N+E+1, D), summary (B, D),
+  summary_attention)`, float32: the final-LayerNorm'd tokens (`extra_tokens` (B, E, D) after the
+  patches, summary last), the summary token, and, with
   `return_attention` (else None), the LAST block's attention of the summary token (as query) over
   the patch tokens, (B, heads, grid_h, grid_w). The summary token's attention to itself is
   dropped, so each map sums to 1 minus that self-weight.
@@ -138,7 +141,8 @@ class TransformerEncoder(nn.Module):
 
   @nn.compact
   def __call__(self, tokens: jax.Array, grid_shape: Tuple[int, int], *, train: bool,
-               summary_only: bool = False, return_attention: bool = False
+               extra_tokens: Optional[jax.Array] = None, summary_only: bool = False,
+               return_attention: bool = False
                ) -> Tuple[jax.Array, jax.Array, Optional[jax.Array]]:
     if self.num_layers < 1:
       raise ValueError(f"num_layers must be >= 1, got {self.num_layers}")
@@ -148,6 +152,8 @@ class TransformerEncoder(nn.Module):
       raise ValueError(f"grid_shape {grid_shape} does not match {num_tokens} tokens")
     # The residual stream is float32: summing many bf16 branch outputs in bf16 would lose precision.
     x = tokens.astype(jnp.float32) + sincos_2d(grid_h, grid_w, dim)[None]
+    if extra_tokens is not None:
+      x = jnp.concatenate([x, extra_tokens.astype(jnp.float32)], axis=1)
     summary = self.param("summary_token", nn.initializers.normal(stddev=0.02), (1, 1, dim),
                          self.param_dtype)
     x = jnp.concatenate([x, jnp.broadcast_to(summary.astype(jnp.float32), (batch, 1, dim))], axis=1)

@@ -52,7 +52,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.end_learning_rate_factor = 0.02
   c.weight_decay = 1e-4
   c.grad_clip_norm = 1.0
-  c.z_loss_weight = 0.2     # lambda in  loss = spectrum MSE + lambda_norm * norm + lambda * z cross-entropy.
+  # lambda in  loss = spectrum MSE + lambda_norm * norm + lambda * z cross-entropy. 1 (was 0.2):
+  # see docs/science.md.
+  c.z_loss_weight = 1.0
+  # Gaussian label smoothing of the redshift cross-entropy, std in z (losses.smoothed_labels);
+  # 0 -> one-hot labels. docs/science.md has the ablation.
+  c.z_label_sigma = 0.01
   c.norm_loss_weight = 1.0
   c.dtype = "float32"       # Compute dtype: float32 or bfloat16 (params stay float32).
   c.adam_mu_dtype = "float32"  # Adam's first moment; bfloat16 takes 1/6 off the train state.
@@ -76,6 +81,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.cnn_features = (16, 32)
   c.model.num_z_bins = 180
   c.model.z_max = 0.6
+  # The calibrated aperture photometry measured on the same cutouts (photometry.aperture_fluxes,
+  # stored by prepare, measured on the FITS files by predict) as one more input token ...
+  c.model.photometry_token = True
+  # ... and log_norm predicted relative to the r-band 3 arcsec aperture flux
+  # (astra.aperture_log_norm). docs/science.md has the ablation.
+  c.model.log_norm_from_aperture = True
 
   if arg == "seed":
     c.image_size = 288

@@ -86,7 +86,12 @@ def cores() -> int:
 def device_name() -> str:
   device = jax.devices()[0]
   if device.platform == "cpu":
-    return f"{platform.processor() or platform.machine()} CPU, {cores()} cores"
+    try:
+      with open("/proc/cpuinfo") as f:
+        name = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+    except (OSError, StopIteration):
+      name = platform.machine()
+    return f"{name}, {cores()} cores"
   return device.device_kind
 
 

@@ -57,13 +57,19 @@ from astra_jax.data import datasets
 from astra_jax.data import mock
 
 _CONFIG_PATH = os.path.join(os.path.dirname(__file__), "configs", "baseline.py")
-_WORKDIR = flags.DEFINE_string("workdir", "runs/learning_curve",
-                               "One folder per point (nN/) and learning_curve.jsonl.")
-_SIZES = flags.DEFINE_list("sizes", ["2000", "8000", "16000"], "Mock survey sizes N.")
-_EPOCHS = flags.DEFINE_float("epochs", 12.0, "Passes over each point's training split.")
-_OUT_DIR = flags.DEFINE_string("out_dir", "docs", "Where learning_curve.png and .md go.")
-config_flags.DEFINE_config_file("config", f"{_CONFIG_PATH}:small", "Training configuration.",
-                                lock_config=True)
+
+
+def define_flags():
+  """The command line's flags: defined only when this module runs as the program, so that tests
+  can import it beside other entry points that define `--workdir` too."""
+  flags.DEFINE_string("workdir", "runs/learning_curve",
+                      "One folder per point (nN/) and learning_curve.jsonl.")
+  flags.DEFINE_list("sizes", ["2000", "8000", "16000"], "Mock survey sizes N.")
+  flags.DEFINE_float("epochs", 12.0, "Passes over each point's training split.")
+  flags.DEFINE_string("out_dir", "docs", "Where learning_curve.png and .md go.")
+  config_flags.DEFINE_config_file("config", f"{_CONFIG_PATH}:small", "Training configuration.",
+                                  lock_config=True)
+
 
 JSONL = "learning_curve.jsonl"
 #: (scalar key, label) of the figure's panels and the table's cells.
@@ -305,9 +311,10 @@ def _write_json(path: str, value):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  sizes = [int(s) for s in _SIZES.value]
-  learning_curve(flags.FLAGS.config, _WORKDIR.value, sizes, _EPOCHS.value, _OUT_DIR.value)
+  f = flags.FLAGS
+  learning_curve(f.config, f.workdir, [int(n) for n in f.sizes], f.epochs, f.out_dir)
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

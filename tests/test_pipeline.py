@@ -16,7 +16,8 @@ def batches(dataset_dir, n, **kwargs):
 
 def test_shapes_and_dtypes(tiny_dataset):
   (batch,) = batches(tiny_dataset, 1)
-  assert set(batch) == {"image", "flux", "weight", "z", "has_z"}
+  assert set(batch) == {"image", "aperture_fluxes", "flux", "weight", "z", "has_z"}
+  assert batch["aperture_fluxes"].shape == (4, 5, 5) and batch["aperture_fluxes"].dtype == np.float32
   assert batch["image"].shape == (4, 5, 32, 32) and batch["image"].dtype == np.float16
   assert batch["flux"].shape == batch["weight"].shape == (4, 4000)
   assert batch["z"].dtype == np.float32 and batch["has_z"].dtype == bool

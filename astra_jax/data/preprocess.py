@@ -93,10 +93,6 @@ def ps1_softening_nmgy(bands: Sequence[str], sky_sigmas: float) -> tuple[float, 
   return tuple(float(sky_sigmas) * ps1_sky_sigma_nmgy(b) for b in bands)
 
 
-#: The header keys `zero_point` reads.
-ZERO_POINT_KEYS = ("MAGZERO", "EXPTIME")
-
-
 def _header_number(header, key: str) -> float:
   """header[key] as a float; NaN when missing or not a number."""
   try:

@@ -78,6 +78,21 @@ def _pick_step(manager: ocp.CheckpointManager, workdir: str, step: int | None, b
   return int(step)
 
 
+def has_run(workdir: str) -> bool:
+  """Whether `workdir` holds a run that `restore` can read: config.json and a latest checkpoint.
+
+  Nothing is created; Orbax's temporary folders of an unfinished save do not count.
+  """
+  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  if not (os.path.exists(os.path.join(workdir, "config.json")) and os.path.isdir(directory)):
+    return False
+  manager = checkpoint.read_only_manager(directory)
+  try:
+    return bool(manager.all_steps())
+  finally:
+    manager.close()
+
+
 def restore(workdir: str, step: int | None = None, best: bool = False
             ) -> tuple[ml_collections.ConfigDict, astra_model.Astra, Any]:
   """(config, model, params) of a training run, params replicated over the local devices.
@@ -282,6 +297,44 @@ def read_metrics(workdir: str) -> dict[str, dict[str, np.ndarray]]:
       columns[key] = np.asarray([by_step[s].get(name, np.nan) for s in steps], np.float64)
     out[split] = columns
   return out
+
+
+def read_results(workdir: str) -> tuple[str, dict[str, dict[str, float]]]:
+  """(split, {predictor: {metric: value}}) of `results.json`, which training writes beside the
+  checkpoints: ASTRA and the baselines on the test split (`evaluate.write_results`).
+
+  `evaluate.results_markdown(results, split)` gives the table of the README. Raises
+  FileNotFoundError when the run has no results.json (it had no test split, or did not finish).
+  """
+  path = os.path.join(workdir, "results.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{workdir}: no results.json (written when training ends with a "
+                            "test split)")
+  with open(path) as f:
+    stored = json.load(f)
+  return stored["split"], stored["results"]
+
+
+# ---------------------------------------------------------------- galaxies without spectra
+
+
+def imaged_only_mock(out_dir: str, num_galaxies: int, seed: int) -> str:
+  """A mock survey of `num_galaxies` new galaxies that keeps only their images; returns out_dir.
+
+  `mock.generate_survey` writes ASTROPIXEL folders (288 x 288 cutouts in the five bands); each
+  galaxy's spectrum/ folder and data.csv are then removed, so `out_dir` holds
+  `Galaxy_{id}/images/{id}_{band}.fits` and `truth.csv` (the mock's true z per specobj_id, which
+  `predict.predict_folder` compares its redshifts to). `seed` picks galaxies other than those of
+  the training survey (whose seed is the config's `mock_seed`).
+  """
+  import shutil  # pylint: disable=g-import-not-at-top
+  from astra_jax.data import mock  # pylint: disable=g-import-not-at-top
+  mock.generate_survey(out_dir, num_galaxies, seed=seed, num_workers=1)
+  for name in os.listdir(out_dir):
+    if name.startswith("Galaxy_"):
+      shutil.rmtree(os.path.join(out_dir, name, "spectrum"), ignore_errors=True)
+  os.remove(os.path.join(out_dir, "data.csv"))
+  return out_dir
 
 
 # ---------------------------------------------------------------- FITS

@@ -1,4 +1,7 @@
-"""Figures of a trained run from numpy arrays; each function writes one PNG and returns its path.
+"""Figures of a trained run from numpy arrays.
+
+Each `*_figure` function returns a matplotlib Figure (a notebook shows it); the function of the
+same name without the suffix writes it as one PNG, closes it and returns the path.
 
 Spectra are flux in 1e-17 erg/s/cm^2/Angstrom against vacuum observed-frame wavelength in Angstrom;
 redshift figures use dz = (z_pred - z_true) / (1 + z_true) as `astra_jax.evaluate` does.
@@ -10,10 +13,14 @@ import os
 from typing import Mapping, Sequence
 
 import matplotlib
-matplotlib.use("Agg")  # Files only: no display on clusters or in tests.
+# Files only (no display on clusters or in tests), unless a backend was asked for: Jupyter's
+# kernels set MPLBACKEND to their inline backend, which shows each figure under its cell.
+if not os.environ.get("MPLBACKEND"):
+  matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 from matplotlib import cm  # pylint: disable=g-import-not-at-top,wrong-import-position
 from matplotlib import colors  # pylint: disable=g-import-not-at-top,wrong-import-position
+from matplotlib import figure as mpl_figure  # pylint: disable=g-import-not-at-top,wrong-import-position
 from matplotlib import ticker  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -33,6 +40,13 @@ LINES = (
 )
 _LINE_COLOURS = {"emission": "tab:blue", "absorption": "tab:red"}
 _DPI = 110
+
+
+#: Colour composite of all five bands: (z, y) -> red, (r, i) -> green, g -> blue, each channel
+#: the mean of its bands.
+GRIZY_CHANNELS = (("z", "y"), ("r", "i"), ("g",))
+#: The i, r, g composite of the analysis script's attention figure.
+GRI_CHANNELS = (("i",), ("r",), ("g",))
 
 
 def _save(fig, path: str) -> str:
@@ -57,9 +71,68 @@ def _flux_limits(true: np.ndarray, pred: np.ndarray) -> tuple[float, float]:
   return lo - 0.1 * span, hi + 0.3 * span
 
 
-def spectra(path: str, wavelength: np.ndarray, flux_true: np.ndarray, weight: np.ndarray,
-            flux_pred: np.ndarray, z_true: np.ndarray, z_pred: np.ndarray | None = None,
-            names: Sequence[str] | None = None, num: int = 8) -> str:
+def masked_ranges(wavelength: np.ndarray, weight: np.ndarray) -> list[tuple[float, float]]:
+  """(start, end) Angstrom of each run of consecutive masked pixels (weight <= 0 or not finite).
+
+  wavelength (P,) increasing pixel centres, weight (P,). A run spans its pixels' full width: it
+  starts and ends half-way to the neighbouring pixel centres (at the grid ends, half a pixel out).
+  """
+  wavelength = np.asarray(wavelength, np.float64)
+  bad = ~(np.asarray(weight) > 0)
+  # Pixel boundaries: midpoints between centres, extrapolated by half a pixel at both ends.
+  mid = 0.5 * (wavelength[1:] + wavelength[:-1])
+  edges = np.concatenate([[2 * wavelength[0] - mid[0]], mid, [2 * wavelength[-1] - mid[-1]]])
+  change = np.diff(np.concatenate([[False], bad, [False]]).astype(np.int8))
+  starts, ends = np.flatnonzero(change == 1), np.flatnonzero(change == -1)
+  return [(float(edges[a]), float(edges[b])) for a, b in zip(starts, ends)]
+
+
+def _mark_lines(ax, wavelength: np.ndarray, z: float):
+  """The LINES at (1 + z) lambda, labelled at the top of `ax`; nothing when z is not finite."""
+  if not np.isfinite(z):
+    return
+  for label, rest, kind in LINES:
+    observed = (1.0 + z) * rest
+    if wavelength[0] < observed < wavelength[-1]:
+      ax.axvline(observed, color=_LINE_COLOURS[kind], lw=0.7, ls="--", alpha=0.6)
+      if label:
+        ax.text(observed, 0.97, label, transform=ax.get_xaxis_transform(), rotation=90,
+                ha="right", va="top", fontsize=7, color=_LINE_COLOURS[kind],
+                bbox=dict(facecolor="white", edgecolor="none", alpha=0.7, pad=0.5))
+
+
+def _spectrum_panel(ax, wavelength, flux_true, weight, flux_pred, z_true, title: str,
+                    shade_masked: bool):
+  """True flux where weight > 0 (gaps elsewhere), the prediction, lines, masked runs shaded."""
+  true = np.where(weight > 0, flux_true, np.nan)
+  ax.plot(wavelength, true, color="0.5", lw=0.5, label="true")
+  ax.plot(wavelength, flux_pred, color="tab:orange", lw=0.9, alpha=0.9, label="predicted")
+  if shade_masked:
+    ranges = masked_ranges(wavelength, weight)
+    if ranges:
+      ax.broken_barh([(a, b - a) for a, b in ranges], (0, 1), transform=ax.get_xaxis_transform(),
+                     facecolor="0.85", edgecolor="none", zorder=0, label="masked (weight 0)")
+  ax.set_ylim(*_flux_limits(true, flux_pred))
+  _mark_lines(ax, wavelength, z_true)
+  ax.set_title(title, fontsize=8, loc="left")
+  ax.tick_params(labelsize=7)
+
+
+def _title(i: int, names, z_true, z_pred) -> str:
+  title = [] if names is None else [str(names[i])]
+  title.append(f"z_true={z_true[i]:.3f}")
+  if z_pred is not None:
+    title.append(f"z_pred={z_pred[i]:.3f}")
+  return "   ".join(title)
+
+
+_WAVELENGTH_LABEL = r"observed vacuum wavelength [$\AA$]"
+_FLUX_LABEL = r"flux [$10^{-17}$ erg s$^{-1}$ cm$^{-2}$ $\AA^{-1}$]"
+
+
+def spectra_figure(wavelength: np.ndarray, flux_true: np.ndarray, weight: np.ndarray,
+                   flux_pred: np.ndarray, z_true: np.ndarray, z_pred: np.ndarray | None = None,
+                   names: Sequence[str] | None = None, num: int = 8) -> mpl_figure.Figure:
   """True (where weight > 0) and predicted spectra of the first `num` galaxies, lines marked.
 
   wavelength (P,) Angstrom; flux_true, weight, flux_pred (N, P), flux in
@@ -73,40 +146,102 @@ def spectra(path: str, wavelength: np.ndarray, flux_true: np.ndarray, weight: np
   for ax in axes.flat[n:]:
     ax.set_visible(False)
   for i, ax in enumerate(axes.flat[:n]):
-    true = np.where(weight[i] > 0, flux_true[i], np.nan)
-    ax.plot(wavelength, true, color="0.5", lw=0.5, label="true")
-    ax.plot(wavelength, flux_pred[i], color="tab:orange", lw=0.9, alpha=0.9, label="predicted")
-    ax.set_ylim(*_flux_limits(true, flux_pred[i]))
-    if np.isfinite(z_true[i]):
-      for label, rest, kind in LINES:
-        observed = (1.0 + z_true[i]) * rest
-        if wavelength[0] < observed < wavelength[-1]:
-          ax.axvline(observed, color=_LINE_COLOURS[kind], lw=0.7, ls="--", alpha=0.6)
-          if label:
-            ax.text(observed, 0.97, label, transform=ax.get_xaxis_transform(), rotation=90,
-                    ha="right", va="top", fontsize=7, color=_LINE_COLOURS[kind],
-                    bbox=dict(facecolor="white", edgecolor="none", alpha=0.7, pad=0.5))
-    title = [] if names is None else [str(names[i])]
-    title.append(f"z_true={z_true[i]:.3f}")
-    if z_pred is not None:
-      title.append(f"z_pred={z_pred[i]:.3f}")
-    ax.set_title("   ".join(title), fontsize=8, loc="left")
-    ax.tick_params(labelsize=7)
+    _spectrum_panel(ax, wavelength, flux_true[i], weight[i], flux_pred[i], z_true[i],
+                    _title(i, names, z_true, z_pred), shade_masked=False)
     if i >= n - cols:
-      ax.set_xlabel(r"observed vacuum wavelength [$\AA$]", fontsize=8)
+      ax.set_xlabel(_WAVELENGTH_LABEL, fontsize=8)
       ax.xaxis.set_tick_params(labelbottom=True)
-  fig.text(0.0, 0.5, r"flux [$10^{-17}$ erg s$^{-1}$ cm$^{-2}$ $\AA^{-1}$]", rotation=90,
-           va="center", ha="right")
+  fig.text(0.0, 0.5, _FLUX_LABEL, rotation=90, va="center", ha="right")
   fig.tight_layout()
   # Above the panels, where it hides no spectrum.
   fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="lower right", ncol=2, fontsize=8,
              bbox_to_anchor=(1.0, 1.0), frameon=False)
-  return _save(fig, path)
+  return fig
 
 
-def redshift(path: str, z_true: np.ndarray, z_pred: np.ndarray, z_max: float,
-             z_lo: np.ndarray | None = None, z_hi: np.ndarray | None = None,
-             label: str = "z_mean") -> str:
+def spectra(path: str, *args, **kwargs) -> str:
+  """`spectra_figure(*args, **kwargs)` written to `path` (PNG); returns `path`."""
+  return _save(spectra_figure(*args, **kwargs), path)
+
+
+def galaxies_figure(images: np.ndarray, bands: Sequence[str], wavelength: np.ndarray,
+                    flux_true: np.ndarray, weight: np.ndarray, flux_pred: np.ndarray,
+                    z_true: np.ndarray, z_pred: np.ndarray | None = None,
+                    names: Sequence[str] | None = None,
+                    channels: Sequence[Sequence[str]] = GRIZY_CHANNELS) -> mpl_figure.Figure:
+  """One row per galaxy: its colour composite, then its true and predicted spectra.
+
+  images (N, bands, H, W) asinh-stretched, composited by `colour_image(image, bands, channels)`;
+  wavelength (P,) Angstrom; flux_true, weight, flux_pred (N, P), flux in
+  1e-17 erg/s/cm^2/Angstrom. The true flux is drawn only where weight > 0, and every run of
+  masked pixels (weight 0) is shaded grey: a gap in the line is a masked pixel, not a zero flux.
+  z_true (N,) places the LINES; z_pred, names (N,) go into the titles.
+  """
+  n = len(images)
+  fig, axes = plt.subplots(n, 2, figsize=(11, 2.3 * n + 0.4), squeeze=False, sharex="col",
+                           gridspec_kw=dict(width_ratios=(1, 4.2)))
+  for i in range(n):
+    image_ax, spec_ax = axes[i]
+    image_ax.imshow(colour_image(images[i], bands, channels), origin="lower")
+    image_ax.set_xticks([])
+    image_ax.set_yticks([])
+    _spectrum_panel(spec_ax, wavelength, flux_true[i], weight[i], flux_pred[i], z_true[i],
+                    _title(i, names, z_true, z_pred), shade_masked=True)
+  axes[0, 0].set_title(", ".join("".join(c) for c in channels) + " -> R, G, B", fontsize=8)
+  axes[-1, 1].set_xlabel(_WAVELENGTH_LABEL, fontsize=8)
+  axes[n // 2, 1].set_ylabel(_FLUX_LABEL, fontsize=8)
+  fig.tight_layout()
+  handles = {}
+  for ax in axes[:, 1]:  # The legend of every kind drawn, masked runs included if any.
+    for handle, label in zip(*ax.get_legend_handles_labels()):
+      handles.setdefault(label, handle)
+  fig.legend(handles.values(), handles.keys(), loc="lower right", ncol=len(handles), fontsize=8,
+             bbox_to_anchor=(1.0, 1.0), frameon=False)
+  return fig
+
+
+def z_pdfs_figure(edges: np.ndarray, z_pdf: np.ndarray, z_true: np.ndarray | None = None,
+                  z_pred: np.ndarray | None = None, z_lo: np.ndarray | None = None,
+                  z_hi: np.ndarray | None = None, names: Sequence[str] | None = None
+                  ) -> mpl_figure.Figure:
+  """Each galaxy's redshift PDF as probability density, with its true z and point estimate.
+
+  edges (B+1,) bin edges; z_pdf (N, B) probability per bin (drawn as pdf / bin width, so the area
+  is 1); z_true, z_pred (N,) vertical lines (NaN: none); z_lo, z_hi (N,) the shaded interval.
+  """
+  edges = np.asarray(edges, np.float64)
+  n = len(z_pdf)
+  cols = min(n, 4)
+  rows = -(-n // cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.4 * rows), squeeze=False,
+                           sharex=True)
+  for ax in axes.flat[n:]:
+    ax.set_visible(False)
+  for i, ax in enumerate(axes.flat[:n]):
+    density = np.asarray(z_pdf[i], np.float64) / np.diff(edges)
+    ax.stairs(density, edges, fill=True, color="tab:blue", alpha=0.35, label="PDF")
+    if z_lo is not None and z_hi is not None:
+      ax.axvspan(z_lo[i], z_hi[i], color="tab:blue", alpha=0.12, lw=0, label="68 % interval")
+    if z_pred is not None and np.isfinite(z_pred[i]):
+      ax.axvline(z_pred[i], color="tab:blue", lw=1.2, label="z_pred")
+    if z_true is not None and np.isfinite(z_true[i]):
+      ax.axvline(z_true[i], color="k", lw=1.2, ls="--", label="z_true")
+    ax.set_xlim(edges[0], edges[-1])
+    ax.set_ylim(0, None)
+    ax.set_title(str(names[i]) if names is not None else f"galaxy {i}", fontsize=8)
+    ax.tick_params(labelsize=7)
+    if i >= n - cols:
+      ax.set_xlabel("z", fontsize=8)
+  axes[0, 0].set_ylabel("p(z)", fontsize=8)
+  fig.tight_layout()
+  fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="lower right", ncol=4, fontsize=8,
+             bbox_to_anchor=(1.0, 1.0), frameon=False)
+  return fig
+
+
+def redshift_figure(z_true: np.ndarray, z_pred: np.ndarray, z_max: float,
+                    z_lo: np.ndarray | None = None, z_hi: np.ndarray | None = None,
+                    label: str = "z_mean") -> mpl_figure.Figure:
   """z_pred vs z_true (N,) with the 1:1 line, the |dz| = 0.05 outlier bounds, sigma_MAD and eta.
 
   Galaxies whose z_true is not finite are left out; z_lo, z_hi (N,) draw the 68 % intervals.
@@ -139,7 +274,12 @@ def redshift(path: str, z_true: np.ndarray, z_pred: np.ndarray, z_max: float,
   limit = max(2 * bound, float(np.max(np.abs(dz)) * 1.1) if dz.size else 0.0)
   res.set(xlim=(0, z_max), ylim=(-limit, limit), xlabel=r"$z_\mathrm{true}$",
           ylabel=r"$\Delta z / (1+z)$")
-  return _save(fig, path)
+  return fig
+
+
+def redshift(path: str, *args, **kwargs) -> str:
+  """`redshift_figure(*args, **kwargs)` written to `path` (PNG); returns `path`."""
+  return _save(redshift_figure(*args, **kwargs), path)
 
 
 class _PlainLogFormatter(ticker.LogFormatter):
@@ -149,7 +289,7 @@ class _PlainLogFormatter(ticker.LogFormatter):
     return f"{x:g}"
 
 
-def loss_curves(path: str, metrics: Mapping[str, Mapping[str, np.ndarray]]) -> str:
+def loss_curves_figure(metrics: Mapping[str, Mapping[str, np.ndarray]]) -> mpl_figure.Figure:
   """Total loss, and its parts, vs step for the train and validation splits, log y.
 
   metrics: {split: {"step": (T,), "loss": (T,), "loss_spectrum": ..., ...}} as
@@ -177,41 +317,52 @@ def loss_curves(path: str, metrics: Mapping[str, Mapping[str, np.ndarray]]) -> s
     if ax.lines:
       ax.legend(fontsize=8)
   fig.tight_layout()
-  return _save(fig, path)
+  return fig
 
 
-def colour_image(image: np.ndarray, bands: Sequence[str]) -> np.ndarray:
-  """(H, W, 3) RGB in [0, 1] from an asinh-stretched image (bands, H, W): i, r, g -> R, G, B.
+def loss_curves(path: str, *args, **kwargs) -> str:
+  """`loss_curves_figure(*args, **kwargs)` written to `path` (PNG); returns `path`."""
+  return _save(loss_curves_figure(*args, **kwargs), path)
 
-  The stretch is already Lupton's asinh, so a linear map from the sky level (0) to the 99.9th
-  percentile of the three bands is enough. Missing bands: the reddest three available (or grey).
+
+def colour_image(image: np.ndarray, bands: Sequence[str],
+                 channels: Sequence[Sequence[str]] = GRI_CHANNELS) -> np.ndarray:
+  """(H, W, 3) RGB in [0, 1] from an asinh-stretched image (bands, H, W).
+
+  `channels` names the bands of R, G and B (each channel the mean of its bands): i, r, g by
+  default, `GRIZY_CHANNELS` for all five. The stretch is already Lupton's asinh, so a linear map
+  from the sky level (0) to the 99.9th percentile of the three channels is enough. A channel none
+  of whose bands is present makes the reddest three bands R, G, B instead (one band: grey).
   """
   names = list(bands)
-  picks = [names.index(b) for b in ("i", "r", "g") if b in names]
-  if len(picks) < 3:
-    picks = list(range(len(names)))[::-1][:3]
-  rgb = np.stack([image[k] for k in picks], axis=-1)
+  image = np.asarray(image, np.float32)
+  picks = [[names.index(b) for b in channel if b in names] for channel in channels]
+  if len(picks) != 3 or not all(picks):
+    picks = [[k] for k in list(range(len(names)))[::-1][:3]]
+  rgb = np.stack([image[p].mean(axis=0) for p in picks], axis=-1)
   if rgb.shape[-1] < 3:
     rgb = np.repeat(rgb[..., :1], 3, axis=-1)
   hi = np.percentile(rgb, 99.9)
   return np.clip(rgb / (hi if hi > 0 else 1.0), 0.0, 1.0)
 
 
-def attention(path: str, images: np.ndarray, attention_maps: np.ndarray, bands: Sequence[str],
-              names: Sequence[str] | None = None, num: int = 4) -> str:
-  """gri images (top) and the summary token's attention over the patches on them (bottom).
+def attention_figure(images: np.ndarray, attention_maps: np.ndarray, bands: Sequence[str],
+                     names: Sequence[str] | None = None, num: int = 4,
+                     channels: Sequence[Sequence[str]] = GRI_CHANNELS) -> mpl_figure.Figure:
+  """Colour images (top) and the summary token's attention over the patches on them (bottom).
 
-  images (N, bands, H, W) asinh-stretched; attention_maps (N, gh, gw) (averaged over heads), each
-  patch's weight shown over its p x p pixels (p = H / gh) as a multiple of the uniform weight
-  1 / (gh gw), so 1 means "no preference". The tint's opacity grows with the weight, so the
-  galaxy stays visible under the patches that are ignored.
+  images (N, bands, H, W) asinh-stretched, composited by `colour_image(image, bands, channels)`;
+  attention_maps (N, gh, gw) (averaged over heads), each patch's weight shown over its p x p
+  pixels (p = H / gh) as a multiple of the uniform weight 1 / (gh gw), so 1 means "no
+  preference". The tint's opacity grows with the weight, so the galaxy stays visible under the
+  patches that are ignored.
   """
   n = min(num, len(images), len(attention_maps))
   fig, axes = plt.subplots(2, n, figsize=(2.6 * n + 0.8, 5.4), squeeze=False)
   height, width = images.shape[2:]
   cmap = plt.get_cmap("plasma")
   for i in range(n):
-    rgb = colour_image(images[i], bands)
+    rgb = colour_image(images[i], bands, channels)
     grid_h, grid_w = attention_maps[i].shape
     patch_h, patch_w = height // grid_h, width // grid_w
     # Nearest-neighbour upsampling: each patch is one token, so its weight covers its own pixels.
@@ -234,7 +385,12 @@ def attention(path: str, images: np.ndarray, attention_maps: np.ndarray, bands: 
     for ax in axes[:, i]:
       ax.set_xticks([])
       ax.set_yticks([])
-  axes[0, 0].set_ylabel("i, r, g", fontsize=9)
+  axes[0, 0].set_ylabel(", ".join("".join(c) for c in channels), fontsize=9)
   axes[1, 0].set_ylabel("attention / uniform", fontsize=9)
   fig.tight_layout()
-  return _save(fig, path)
+  return fig
+
+
+def attention(path: str, *args, **kwargs) -> str:
+  """`attention_figure(*args, **kwargs)` written to `path` (PNG); returns `path`."""
+  return _save(attention_figure(*args, **kwargs), path)

@@ -239,3 +239,43 @@ def test_analyze_writes_the_table_and_figures(run, test_split, tmp_path):
     image = matplotlib.image.imread(path)
     assert image.ndim == 3 and min(image.shape[:2]) > 200, name
     assert image[..., :3].std() > 0.05, name  # Not a blank canvas.
+
+
+def test_has_run_needs_config_and_a_checkpoint(run, tmp_path):
+  workdir, _, _ = run
+  assert analysis.has_run(workdir)
+  assert not analysis.has_run(str(tmp_path / "missing"))
+  (tmp_path / "config.json").write_text(open(os.path.join(workdir, "config.json")).read())
+  assert not analysis.has_run(str(tmp_path))      # config.json alone: training never saved.
+  (tmp_path / "checkpoints").mkdir()
+  assert not analysis.has_run(str(tmp_path))
+  assert sorted(os.listdir(tmp_path)) == ["checkpoints", "config.json"]  # Nothing was created.
+
+
+def test_read_results_gives_back_what_training_wrote(tmp_path):
+  results = {"ASTRA": {"spectrum_r2": 0.5, "z_median_sigma_mad": 0.02, "z_median_n": 7.0},
+             "colour kNN": {"spectrum_r2": 0.6, "z_median_sigma_mad": 0.03}}
+  table = evaluate.write_results(str(tmp_path), results)
+  split, read = analysis.read_results(str(tmp_path))
+  assert (split, read) == ("test", results)
+  assert evaluate.results_markdown(read, split) == table
+  assert "| test split (7 galaxies) |" in table
+  with pytest.raises(FileNotFoundError, match="no results.json"):
+    analysis.read_results(str(tmp_path / "none"))
+
+
+def test_imaged_only_mock_keeps_images_and_truth(tmp_path):
+  from astra_jax import predict  # pylint: disable=g-import-not-at-top
+  out = analysis.imaged_only_mock(str(tmp_path / "cutouts"), 2, seed=11)
+  galaxies = sorted(n for n in os.listdir(out) if n.startswith("Galaxy_"))
+  assert len(galaxies) == 2 and sorted(set(os.listdir(out)) - set(galaxies)) == ["truth.csv"]
+  for name in galaxies:
+    specobj_id = name[len("Galaxy_"):]
+    assert os.listdir(os.path.join(out, name)) == ["images"]
+    assert sorted(os.listdir(os.path.join(out, name, "images"))) == sorted(
+        f"{specobj_id}_{b}.fits" for b in "grizy")
+  jobs, rejected = predict.find_galaxies(out, ("g", "r", "i", "z", "y"))
+  assert len(jobs) == 2 and not rejected
+  truth = predict.read_truth(predict.find_truth(out))
+  assert sorted(truth) == sorted(n[len("Galaxy_"):] for n in galaxies)
+  assert all(0 < z < 1 for z in truth.values())

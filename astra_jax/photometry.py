@@ -10,10 +10,12 @@ galaxy as `aperture_fluxes`, (bands, len(DIAMETERS_ARCSEC)) = (5, 5) float32, ba
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import numpy as np
 
+from astra_jax import grid
 from astra_jax.data import preprocess
 
 #: Aperture diameters in arcsec: inside the PSF, the SDSS fiber, and three outer radii that
@@ -42,6 +44,24 @@ def aperture_fluxes(images: np.ndarray, headers,
   """
   return np.stack([preprocess.aperture_flux(images, headers, d, pixel_scale)
                    for d in diameters_arcsec], axis=-1)
+
+
+@functools.lru_cache(maxsize=None)
+def band_nmgy_weights(band: str = "r") -> np.ndarray:
+  """(grid.NUM_PIXELS,) float64 w such that w @ flux is the AB flux in nanomaggies, through
+  speclite's `panstarrs-{band}` curve, of a spectrum on the grid in 1e-17 erg/s/cm^2/Angstrom.
+
+  AB maggies = integral(f_lambda R lambda dlambda) / integral(3631 Jy c / lambda^2 R lambda dlambda)
+  (photon-counting response R), both integrals summed over the grid's pixels. Bands that leave
+  the grid (PS1 y) are cut at its edge: valid for g, r, i, z.
+  """
+  import speclite.filters  # pylint: disable=g-import-not-at-top
+  curve = speclite.filters.load_filter(f"panstarrs-{band}")
+  wave, dwave = grid.wavelength(), np.diff(grid.pixel_edges())
+  response = np.interp(wave, curve.wavelength, curve.response, left=0.0, right=0.0)
+  ab_flam = 3631e-23 * 2.99792458e18 / wave**2 / 1e-17    # 1 maggie as f_lambda, 1e-17 units.
+  maggies = response * wave * dwave / np.sum(ab_flam * response * wave * dwave)
+  return maggies * 1e9
 
 
 def magnitudes(flux: np.ndarray) -> np.ndarray:

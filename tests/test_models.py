@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+from astra_jax import grid
+from astra_jax import losses
 from astra_jax.models import astra as astra_lib
 from astra_jax.models import (Astra, MultiHeadAttention, PatchCNN, TransformerBlock,
                               TransformerEncoder, patch_grid, sincos_2d, z_bin_centers, z_pdf_stats)
@@ -342,7 +344,7 @@ def _aperture_fluxes(batch=2, seed=0):
 
 
 def test_photometry_token_shapes_and_needs_fluxes():
-  model = Astra(**TINY, photometry_token=True, log_norm_from_aperture=True)
+  model = Astra(**TINY, photometry_token=True, amplitude="aperture_spectrum")
   images, fluxes = _images(), _aperture_fluxes()
   params = _init(model, images, fluxes, train=False)
   assert params["photometry"]["hidden"]["kernel"].shape == (BANDS * 5 + 1, TINY["dim"])
@@ -367,8 +369,8 @@ def test_photometry_token_shapes_and_needs_fluxes():
                                 plain.apply({"params": plain_params}, images, fluxes, train=False)["z_logits"])
 
 
-def test_log_norm_from_aperture_is_relative_to_the_r_band_3_arcsec_flux():
-  model = Astra(**TINY, log_norm_from_aperture=True)
+def test_aperture_amplitude_is_relative_to_the_r_band_3_arcsec_flux():
+  model = Astra(**TINY, amplitude="aperture")
   images, fluxes = _images(), _aperture_fluxes()
   params = _init(model, images, fluxes, train=False)
   # With the head's output layer zeroed, log_norm is the aperture's own estimate.
@@ -378,6 +380,35 @@ def test_log_norm_from_aperture_is_relative_to_the_r_band_3_arcsec_flux():
   np.testing.assert_allclose(out["log_norm"], np.log10(astra_lib.NMGY_TO_FLAM_R * r3), rtol=1e-5)
   np.testing.assert_allclose(astra_lib.aperture_log_norm(-fluxes),
                              np.log10(astra_lib.NMGY_TO_FLAM_R * 0.1), rtol=1e-6)
+
+
+def test_aperture_spectrum_amplitude_gives_the_spectrum_the_aperture_r_flux():
+  model = Astra(**TINY, amplitude="aperture_spectrum")
+  images, fluxes = _images(), _aperture_fluxes()
+  params = _zero_leaves(_init(model, images, fluxes, train=False), ["log_norm"])
+  # A known normalised spectrum: the decoder's output layer emits its bias alone.
+  wave = np.asarray(grid.wavelength())
+  shape = (wave / 6000.0) ** -1.5                  # Blue in f_lambda: not a flat f_nu.
+  params["decoder"]["spectrum"]["kernel"] = jnp.zeros_like(params["decoder"]["spectrum"]["kernel"])
+  params["decoder"]["spectrum"]["bias"] = jnp.asarray(shape, jnp.float32)
+  out = model.apply({"params": params}, images, fluxes, train=False)
+  flux = np.asarray(losses.denormalise(out["spectrum"], out["log_norm"]), np.float64)
+  # Through speclite's PS1 r curve the predicted spectrum has the r aperture's flux (nanomaggies).
+  import astropy.units as u
+  import speclite.filters
+  r = speclite.filters.load_filters("panstarrs-r").get_ab_maggies(
+      flux * 1e-17 * u.erg / (u.s * u.cm**2 * u.AA), wave * u.AA)["panstarrs-r"]
+  np.testing.assert_allclose(np.asarray(r) * 1e9, np.asarray(fluxes)[:, 1, 1], rtol=2e-3)
+  # That anchor differs from the flat-f_nu one for this colour, and has no gradient into the
+  # spectrum (the normalisation loss must not bend the shape).
+  assert np.all(np.abs(out["log_norm"] - astra_lib.aperture_log_norm(fluxes)) > 0.01)
+  grad = jax.grad(lambda s: jnp.sum(astra_lib.spectrum_log_norm(fluxes, s)))(out["spectrum"])
+  assert float(jnp.max(jnp.abs(grad))) == 0.0
+  # A spectrum with no r flux is floored: finite log_norm.
+  zero = astra_lib.spectrum_log_norm(fluxes, jnp.zeros_like(out["spectrum"]))
+  assert bool(jnp.all(jnp.isfinite(zero)))
+  with pytest.raises(ValueError, match="amplitude"):
+    Astra(**TINY, amplitude="flat")
 
 
 def test_asinh_magnitudes():

@@ -8,8 +8,10 @@ images (B, bands, H, W) -> PatchCNN -> (B, N, dim) patch tokens, N = (H/p)(W/p)
 The spectrum is on the fixed grid of `astra_jax.grid` (4000 pixels), divided by the per-galaxy
 normalisation of `astra_jax.losses.normalise_spectrum`; `log_norm` predicts log10 of that
 normalisation, so `losses.denormalise(spectrum, log_norm)` gives flux in 1e-17 erg/s/cm^2/Angstrom.
-With `log_norm_from_aperture` the head predicts it relative to the galaxy's measured r-band 3 arcsec
-aperture flux (see `aperture_log_norm`).
+`amplitude` says what the `log_norm` head predicts: log10(norm) itself ("head"), or a correction
+to the amplitude that the galaxy's measured r-band 3 arcsec aperture flux implies ("aperture":
+for a flat f_nu, `aperture_log_norm`; "aperture_spectrum": for the model's own predicted spectrum
+shape, `spectrum_log_norm`).
 
 `aperture_fluxes` are `photometry.aperture_fluxes` of the same cutouts (nanomaggies, bands x
 `photometry.DIAMETERS_ARCSEC`): datasets store them, and prediction measures them on the FITS
@@ -38,6 +40,12 @@ PHOTOMETRY_SOFTENING_NMGY = 0.01
 #: (band, aperture) of `aperture_fluxes` that anchors the amplitude: r in the 3 arcsec aperture,
 #: the SDSS fiber's diameter.
 REFERENCE_APERTURE = (photometry.R_BAND, photometry.DIAMETERS_ARCSEC.index(3.0))
+#: What the `log_norm` head predicts (see `Astra.amplitude`).
+AMPLITUDES = ("head", "aperture", "aperture_spectrum")
+#: Floor of the predicted normalised spectrum's r-band flux in `spectrum_log_norm`, nanomaggies
+#: per unit norm: a tenth of a flat f_lambda spectrum's (1 / 0.283), so an untrained or
+#: nonsensical spectrum cannot send log10 to -inf.
+SPECTRUM_R_FLOOR_NMGY = 0.35
 #: f_lambda of 1 nanomaggy at the PS1 r pivot wavelength (6156 Angstrom), in
 #: 1e-17 erg/s/cm^2/Angstrom: 3.631e-29 erg/s/cm^2/Hz x c / lambda^2.
 NMGY_TO_FLAM_R = 0.2873
@@ -125,6 +133,24 @@ def aperture_log_norm(aperture_fluxes: jax.Array) -> jax.Array:
   band, aperture = REFERENCE_APERTURE
   flux = jnp.nan_to_num(aperture_fluxes[:, band, aperture].astype(jnp.float32))
   return jnp.log10(NMGY_TO_FLAM_R * jnp.maximum(flux, photometry.FLUX_FLOOR_NMGY))
+
+
+def spectrum_log_norm(aperture_fluxes: jax.Array, spectrum: jax.Array) -> jax.Array:
+  """(B,) float32 log10 of the spectrum normalisation at which the normalised `spectrum`
+  (B, num_pixels) has the r-band flux of the r 3 arcsec aperture in `aperture_fluxes`:
+  log10(max(f_r, FLUX_FLOOR_NMGY)) - log10(max(r nanomaggies of `spectrum`, SPECTRUM_R_FLOOR_NMGY)),
+  the spectrum's flux through `photometry.band_nmgy_weights("r")`.
+
+  The flux scale then follows the measured photometry and the predicted colour, where
+  `aperture_log_norm` assumes a flat f_nu. No gradient flows into `spectrum` here, so the
+  normalisation loss does not bend the spectrum's shape.
+  """
+  band, aperture = REFERENCE_APERTURE
+  flux = jnp.nan_to_num(aperture_fluxes[:, band, aperture].astype(jnp.float32))
+  weights = jnp.asarray(photometry.band_nmgy_weights("r"), jnp.float32)
+  r_per_norm = jax.lax.stop_gradient(spectrum.astype(jnp.float32)) @ weights
+  return (jnp.log10(jnp.maximum(flux, photometry.FLUX_FLOOR_NMGY))
+          - jnp.log10(jnp.maximum(r_per_norm, SPECTRUM_R_FLOOR_NMGY)))
 
 
 class PhotometryEmbed(nn.Module):
@@ -236,8 +262,9 @@ class Astra(nn.Module):
   `__call__(images (B, bands, H, W), aperture_fluxes (B, bands, 5) or None, *, train,
   return_attention=False)` returns a dict of float32:
     spectrum (B, num_pixels): the normalised spectrum (flux / norm),
-    log_norm (B,): log10(norm / (1e-17 erg/s/cm^2/Angstrom)); with `log_norm_from_aperture`
-      `aperture_log_norm(aperture_fluxes)` plus the head's output,
+    log_norm (B,): log10(norm / (1e-17 erg/s/cm^2/Angstrom)): the head's output, plus
+      `aperture_log_norm(aperture_fluxes)` with amplitude="aperture" or
+      `spectrum_log_norm(aperture_fluxes, spectrum)` with amplitude="aperture_spectrum",
     z_logits (B, num_z_bins): logits over `z_bin_centers(num_z_bins, z_max)`,
     attention (B, num_heads, H/p, W/p), only if return_attention: the last block's attention of the
       summary token over the patch grid (for maps overlaid on the images).
@@ -249,7 +276,7 @@ class Astra(nn.Module):
   `jax.nn.dot_product_attention`. `dtype` is the compute dtype of the stock layers (bf16: params
   float32, matmuls in bf16), `param_dtype` the parameter dtype; outputs are float32 either way.
   `photometry_token`: `PhotometryEmbed(aperture_fluxes)` joins the patch tokens as one more token.
-  Either photometry option needs `aperture_fluxes` (`uses_photometry`).
+  The photometry token and either aperture amplitude need `aperture_fluxes` (`uses_photometry`).
   """
   patch_size: int = 16
   dim: int = 1280
@@ -264,18 +291,20 @@ class Astra(nn.Module):
   patch_embedding: str = "conv2d"
   cnn_features: Sequence[int] = (32, 64)
   photometry_token: bool = False
-  log_norm_from_aperture: bool = False
+  amplitude: str = "head"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   def __post_init__(self):
     _check_patch_embedding(self.patch_embedding)
+    if self.amplitude not in AMPLITUDES:
+      raise ValueError(f"amplitude must be one of {AMPLITUDES}, got {self.amplitude!r}")
     super().__post_init__()
 
   @property
   def uses_photometry(self) -> bool:
     """Whether `__call__` needs `aperture_fluxes`."""
-    return self.photometry_token or self.log_norm_from_aperture
+    return self.photometry_token or self.amplitude != "head"
 
   @classmethod
   def from_config(cls, model_config: Mapping[str, Any], dtype: Any = None) -> "Astra":
@@ -307,7 +336,7 @@ class Astra(nn.Module):
   def __call__(self, images: jax.Array, aperture_fluxes: Optional[jax.Array] = None, *,
                train: bool, return_attention: bool = False) -> Dict[str, jax.Array]:
     if self.uses_photometry and aperture_fluxes is None:
-      raise ValueError("this model (photometry_token or log_norm_from_aperture) needs "
+      raise ValueError("this model (photometry_token or an aperture amplitude) needs "
                        "aperture_fluxes (B, bands, 5) nanomaggies: photometry.aperture_fluxes")
     grid_shape = patch_grid(images.shape[2:], self.patch_size)
     tokens = PatchCNN(self.patch_size, self.dim, self.patch_embedding, tuple(self.cnn_features),
@@ -326,8 +355,10 @@ class Astra(nn.Module):
             return_attention=return_attention)
     spectrum, log_norm = SpectrumDecoder(self.num_pixels, self.decoder_hidden, dtype=self.dtype,
                                          param_dtype=self.param_dtype, name="decoder")(summary)
-    if self.log_norm_from_aperture:
+    if self.amplitude == "aperture":
       log_norm = log_norm + aperture_log_norm(aperture_fluxes)
+    elif self.amplitude == "aperture_spectrum":
+      log_norm = log_norm + spectrum_log_norm(aperture_fluxes, spectrum)
     z_logits = RedshiftHead(self.num_z_bins, dtype=self.dtype, param_dtype=self.param_dtype,
                             name="redshift")(summary)
     outputs = dict(spectrum=spectrum, log_norm=log_norm, z_logits=z_logits)

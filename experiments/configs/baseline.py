@@ -84,9 +84,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # The calibrated aperture photometry measured on the same cutouts (photometry.aperture_fluxes,
   # stored by prepare, measured on the FITS files by predict) as one more input token ...
   c.model.photometry_token = True
-  # ... and log_norm predicted relative to the r-band 3 arcsec aperture flux
-  # (astra.aperture_log_norm). docs/science.md has the ablation.
-  c.model.log_norm_from_aperture = True
+  # ... and the amplitude: log_norm predicted as a correction to the normalisation at which the
+  # predicted spectrum has the r-band 3 arcsec aperture flux (astra.AMPLITUDES,
+  # astra.spectrum_log_norm). docs/science.md has the ablation.
+  c.model.amplitude = "aperture_spectrum"
 
   if arg == "seed":
     c.image_size = 288

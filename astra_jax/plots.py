@@ -164,6 +164,11 @@ def spectra(path: str, *args, **kwargs) -> str:
   return _save(spectra_figure(*args, **kwargs), path)
 
 
+def _channels_label(channels: Sequence[Sequence[str]]) -> str:
+  """"R: z,y  G: r,i  B: g" for GRIZY_CHANNELS."""
+  return "  ".join(f"{k}: {','.join(c)}" for k, c in zip("RGB", channels))
+
+
 def galaxies_figure(images: np.ndarray, bands: Sequence[str], wavelength: np.ndarray,
                     flux_true: np.ndarray, weight: np.ndarray, flux_pred: np.ndarray,
                     z_true: np.ndarray, z_pred: np.ndarray | None = None,
@@ -187,7 +192,7 @@ def galaxies_figure(images: np.ndarray, bands: Sequence[str], wavelength: np.nda
     image_ax.set_yticks([])
     _spectrum_panel(spec_ax, wavelength, flux_true[i], weight[i], flux_pred[i], z_true[i],
                     _title(i, names, z_true, z_pred), shade_masked=True)
-  axes[0, 0].set_title(", ".join("".join(c) for c in channels) + " -> R, G, B", fontsize=8)
+  axes[0, 0].set_title(_channels_label(channels), fontsize=8)
   axes[-1, 1].set_xlabel(_WAVELENGTH_LABEL, fontsize=8)
   axes[n // 2, 1].set_ylabel(_FLUX_LABEL, fontsize=8)
   fig.tight_layout()
@@ -385,7 +390,7 @@ def attention_figure(images: np.ndarray, attention_maps: np.ndarray, bands: Sequ
     for ax in axes[:, i]:
       ax.set_xticks([])
       ax.set_yticks([])
-  axes[0, 0].set_ylabel(", ".join("".join(c) for c in channels), fontsize=9)
+  axes[0, 0].set_ylabel(_channels_label(channels), fontsize=9)
   axes[1, 0].set_ylabel("attention / uniform", fontsize=9)
   fig.tight_layout()
   return fig

@@ -17,9 +17,12 @@ import os
 from typing import Any, Callable
 
 from absl import logging
+from etils import epath
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from astra_jax import paths
 
 
 class CheckpointMismatchError(ValueError):
@@ -55,19 +58,20 @@ def _first_few(items: list[str], n: int = 5) -> str:
 
 def checkpoint_managers(workdir: str, config) -> tuple[ocp.CheckpointManager, ocp.CheckpointManager]:
   """(latest, best): the latest `config.max_to_keep` train states in `workdir/checkpoints`, and
-  in `workdir/best` the params of the lowest `val_loss` metric."""
+  in `workdir/best` the params of the lowest `val_loss` metric. `workdir` may be a URL
+  (gs://bucket/run): Orbax writes through epath and TensorStore."""
   # Each manager synchronises processes with its own barrier names: the two finalise their async
   # saves in concurrent threads, and a shared name fails ("barrier ... is already ongoing").
   multiprocessing = lambda name: ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name)
-  root = os.path.abspath(workdir)
+  root = paths.absolute(workdir)
   # The handler is given up front (not inferred at the first save) so that a manager that has
   # saved nothing yet can read a checkpoint's metadata.
   latest = ocp.CheckpointManager(
-      os.path.join(root, "checkpoints"), item_handlers=ocp.StandardCheckpointHandler(),
+      paths.join(root, "checkpoints"), item_handlers=ocp.StandardCheckpointHandler(),
       options=ocp.CheckpointManagerOptions(max_to_keep=config.max_to_keep, create=True,
                                            multiprocessing_options=multiprocessing("latest")))
   best = ocp.CheckpointManager(
-      os.path.join(root, "best"), item_handlers=ocp.StandardCheckpointHandler(),
+      paths.join(root, "best"), item_handlers=ocp.StandardCheckpointHandler(),
       options=ocp.CheckpointManagerOptions(max_to_keep=1, best_fn=lambda m: m["val_loss"],
                                            best_mode="min", create=True,
                                            multiprocessing_options=multiprocessing("best")))
@@ -86,7 +90,7 @@ def read_only_manager(directory: str, best: bool = False) -> ocp.CheckpointManag
 
 def step_folder(manager: ocp.CheckpointManager, step: int) -> str:
   """The folder of `step`'s checkpoint (Orbax's default step names: the number)."""
-  return os.path.join(os.fspath(manager.directory), str(step))
+  return paths.join(os.fspath(manager.directory), str(step))
 
 
 def restore(manager: ocp.CheckpointManager, step: int, target) -> Any:
@@ -124,10 +128,10 @@ def _orbax_error(error: BaseException) -> str:
 
 def incomplete_checkpoints(directory) -> list[str]:
   """Checkpoint folders that a killed save left behind (Orbax renames a folder when complete)."""
-  directory = os.fspath(directory)
-  if not os.path.isdir(directory):
+  directory = epath.Path(directory)
+  if not directory.is_dir():
     return []
-  return sorted(name for name in os.listdir(directory) if ".orbax-checkpoint-tmp" in name)
+  return sorted(p.name for p in directory.iterdir() if ".orbax-checkpoint-tmp" in p.name)
 
 
 def restore_or_init(manager: ocp.CheckpointManager, target, init: Callable[[], Any]) -> Any:
@@ -150,9 +154,9 @@ def restore_or_init(manager: ocp.CheckpointManager, target, init: Callable[[], A
   try:
     return restore(manager, step, target)
   except CheckpointMismatchError as e:
-    workdir = os.path.dirname(os.fspath(manager.directory))
+    workdir = os.fspath(epath.Path(manager.directory).parent)
     raise CheckpointMismatchError(e.directory, e.differences, advice=(
-        f"To resume {workdir}, rerun with the config in {os.path.join(workdir, 'config.json')} "
+        f"To resume {workdir}, rerun with the config in {paths.join(workdir, 'config.json')} "
         "(settings that leave the model and optimiser state as they are, such as "
         "num_train_steps, may change), or start a new workdir")) from None
   except CheckpointDamagedError as e:

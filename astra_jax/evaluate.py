@@ -145,11 +145,29 @@ def synthetic_band_errors(pred_flux: np.ndarray, flux: np.ndarray, weight: np.nd
 # ---------------------------------------------------------------- a model on a split
 
 
+#: Inputs that `collect_predictions` returns: per-galaxy rows of truth, not images.
+_TRUTH_KEYS = ("flux", "weight", "z", "has_z", "aperture_fluxes")
+
+
 def _gather(tree):
   """Global (sharded) arrays -> numpy on every host."""
   if jax.process_count() == 1:
     return jax.tree.map(np.asarray, tree)
   return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def _gather_host_rows(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Every process's rows (axis 0) of host arrays, concatenated in process order (the global
+  batch's order); byte strings (specobj_id) travel as fixed-width uint8 rows."""
+  if jax.process_count() == 1:
+    return rows
+  width = {k: int(multihost_utils.process_allgather(np.int32(v.dtype.itemsize)).max())
+           for k, v in rows.items() if v.dtype.kind == "S"}
+  encoded = {k: (v.astype(f"S{width[k]}").view(np.uint8).reshape(len(v), width[k])
+                 if k in width else v) for k, v in rows.items()}
+  out = multihost_utils.process_allgather(encoded, tiled=True)
+  return {k: (np.ascontiguousarray(v).view(f"S{width[k]}").reshape(-1) if k in width else v)
+          for k, v in out.items()}
 
 
 def collect_predictions(eval_step, params, batches: Iterable[dict], mesh, model
@@ -158,7 +176,8 @@ def collect_predictions(eval_step, params, batches: Iterable[dict], mesh, model
 
   Keys: flux, weight, z, has_z, aperture_fluxes (N, ...) truth and input; spectrum (N, 4000)
   normalised prediction, log_norm (N,), pred_flux (N, 4000) in 1e-17 erg/s/cm^2/A, z_pdf (N, B),
-  z_mean, z_mode, z_median (N,); and specobj_id when the batches carry it.
+  z_mean, z_mode, z_median (N,); and specobj_id when the batches carry it. With several
+  processes every process gets every galaxy's rows; the images stay where they were read.
   """
   centers = np.asarray(model.z_centers())
   parts: dict[str, list[np.ndarray]] = {}
@@ -166,10 +185,8 @@ def collect_predictions(eval_step, params, batches: Iterable[dict], mesh, model
     host_only = {k: batch[k] for k in batch if k not in MODEL_KEYS}
     device_batch = sharding.to_global({k: batch[k] for k in MODEL_KEYS}, mesh)
     _, outputs = eval_step(params, device_batch)
-    got = _gather({**device_batch, **outputs})
-    if jax.process_count() > 1:
-      host_only = _gather({k: v for k, v in host_only.items() if v.dtype.kind != "S"})
-    for k, v in {**got, **host_only}.items():
+    got = _gather({**{k: device_batch[k] for k in _TRUTH_KEYS}, **outputs})
+    for k, v in {**got, **_gather_host_rows(host_only)}.items():
       parts.setdefault(k, []).append(np.asarray(v))
   out = {k: np.concatenate(v) for k, v in parts.items()}
   keep = out.pop("mask").astype(bool) if "mask" in out else np.ones(len(out["z"]), bool)

@@ -11,12 +11,11 @@ is exactly the loss of the global batch and N devices give the same update as 1 
 from __future__ import annotations
 
 import json
-import os
-import signal
 import time
 from typing import Any, Iterator
 
 from absl import logging
+from etils import epath
 import flax.struct
 import jax
 from jax import lax
@@ -28,8 +27,11 @@ import orbax.checkpoint as ocp
 
 from astra_jax import augment
 from astra_jax import checkpoint
+from astra_jax import distributed
 from astra_jax import evaluate
 from astra_jax import losses
+from astra_jax import paths
+from astra_jax import sharding
 from astra_jax.data import MODEL_KEYS
 from astra_jax.data import datasets
 from astra_jax.models import astra as astra_model
@@ -122,7 +124,8 @@ def make_train_step(config, model, tx, mesh: Mesh):
   `weight`, `z`, `has_z`); `rng` a replicated key. With `config.augment` each image is flipped/rotated at random
   (`augment.random_dihedral`, drawn from `rng` and the step, the same whatever the device count).
   Metrics are replicated scalars: `loss`, its parts, `grad_norm`, `learning_rate` and `finite`
-  (0 when the update was skipped for a non-finite loss or gradient).
+  (0 when the update was skipped for a non-finite loss or gradient: the parameters and Adam's
+  moments stay as they were, and only `step` advances, past the batch that was consumed).
   """
   schedule = make_schedule(config)
   z_centers = model.z_centers()
@@ -159,12 +162,14 @@ def make_train_step(config, model, tx, mesh: Mesh):
       return TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                         opt_state=opt_state)
 
-    # A non-finite loss or gradient never reaches the parameters: the old state is kept (the
-    # step counter too) and the host loop raises, naming the step. A cond rather than a select
+    # A non-finite loss or gradient never reaches the parameters, decided here on the device
+    # (no host round trip per step): the old parameters and moments are kept and only the step
+    # counter advances, so that it keeps counting the batches read (the data position of a
+    # resume). The host counts the skipped steps at its log steps. A cond rather than a select
     # of new against old: the select read and wrote every parameter and Adam moment once more
     # (~2.5 % of a seed-size CPU step); the cond updates the donated buffers in place.
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    new = lax.cond(finite, update, lambda state: state, state)
+    new = lax.cond(finite, update, lambda state: state.replace(step=state.step + 1), state)
     metrics = dict(loss=loss, grad_norm=grad_norm, learning_rate=schedule(state.step),
                    finite=finite.astype(jnp.float32), **{f"loss_{k}": v for k, v in terms.items()})
     return new, metrics
@@ -226,8 +231,7 @@ def validate_config(config):
         "one of 'float32', 'bfloat16'")
   check(config.rng_impl in ("threefry2x32", "rbg", "unsafe_rbg"), "rng_impl",
         "one of 'threefry2x32', 'rbg', 'unsafe_rbg'")
-  check(config.batch_size > 0 and config.batch_size % jax.device_count() == 0, "batch_size",
-        f"a positive multiple of the device count {jax.device_count()}")
+  sharding.check_global_batch(config.batch_size)
   check(config.num_train_steps >= 0, "num_train_steps", "an integer >= 0")
   check(config.learning_rate > 0, "learning_rate", "a float > 0")
   check(0 <= config.warmup_steps, "warmup_steps", "an integer >= 0")
@@ -240,6 +244,7 @@ def validate_config(config):
   check(z_label_sigma(config) >= 0, "z_label_sigma", "a float >= 0 (0: one-hot labels)")
   check(config.eval_every_steps > 0, "eval_every_steps", "an integer > 0")
   check(config.checkpoint_every_steps > 0, "checkpoint_every_steps", "an integer > 0")
+  check(config.log_every_steps > 0, "log_every_steps", "an integer > 0")
   bands = config.bands.split(",")
   check(len(bands) == len(set(bands)) and all(len(b) == 1 for b in bands), "bands",
         "distinct band letters separated by commas, e.g. 'g,r,i,z,y'")
@@ -256,45 +261,75 @@ def config_get(config, dotted: str):
 
 
 class MetricWriter:
-  """metrics.jsonl plus TensorBoard event files; silent on every process but 0."""
+  """metrics.jsonl plus TensorBoard event files in `workdir` (a local path or a URL such as
+  gs://bucket/run); silent on every process but 0."""
 
   def __init__(self, workdir: str):
     self.active = jax.process_index() == 0
     if self.active:
       import tensorboardX  # pylint: disable=g-import-not-at-top
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-      self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"))
+      _register_tensorboard_scheme(workdir)
+      self._jsonl = epath.Path(workdir, "metrics.jsonl")
+      self._tb = tensorboardX.SummaryWriter(paths.join(workdir, "tensorboard"))
 
   def write(self, step: int, split: str, metrics: dict[str, float]):
     if not self.active:
       return
-    self._jsonl.write(json.dumps({"step": int(step), "split": split,
-                                  **{k: float(v) for k, v in metrics.items()}}) + "\n")
-    self._jsonl.flush()
+    # Opened per line: epath gives a gs:// file only as a context manager, and what is
+    # written is on disk (or in the bucket) at once.
+    with self._jsonl.open("a") as f:
+      f.write(json.dumps({"step": int(step), "split": split,
+                          **{k: float(v) for k, v in metrics.items()}}) + "\n")
     for k, v in metrics.items():
       self._tb.add_scalar(f"{split}/{k}", float(v), int(step))
     self._tb.flush()
 
   def close(self):
     if self.active:
-      self._jsonl.close()
       self._tb.close()
+
+
+class _GFileEventFiles:
+  """tensorboardX's writer factory (its extension point for URL schemes) over TensorFlow's
+  gfile, which epath uses for gs:// too."""
+
+  def open(self, path):
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    return tf.io.gfile.GFile(path, "wb")
+
+  def directory_check(self, path):
+    epath.Path(path).mkdir(parents=True, exist_ok=True)
+
+
+def _register_tensorboard_scheme(workdir: str):
+  """Event files under a URL go through TensorFlow's gfile: tensorboardX's own gs:// writer
+  needs google-cloud-storage, and it knows no other scheme."""
+  if paths.is_url(workdir):
+    from tensorboardX import record_writer  # pylint: disable=g-import-not-at-top
+    record_writer.register_writer_factory(workdir.split("://")[0], _GFileEventFiles())
 
 
 def write_config(config, workdir: str):
   """`workdir/config.json` (process 0 only): what `analysis.restore` rebuilds the model from."""
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+    epath.Path(workdir, "config.json").write_text(
+        config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains ASTRA on `config`'s data, resuming from `workdir`; returns the test-split results."""
+  """Trains ASTRA on `config`'s data, resuming from `workdir`; returns the test-split results.
+
+  `workdir` may be a local folder or a URL (gs://bucket/run). With several processes, every
+  process runs this with the same arguments; it stops on a preemption notice (SIGTERM) to any
+  of them at a step they all agree on, saves that step and raises SystemExit(143)
+  (`distributed.Preemption`); the same command then resumes from it.
+  """
   from astra_jax.data import pipeline  # pylint: disable=g-import-not-at-top (TensorFlow)
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
 
   validate_config(config)
-  os.makedirs(workdir, exist_ok=True)
+  workdir = paths.absolute(workdir)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   dataset_dir = datasets.ensure_dataset(config, workdir)
   datasets.check_dataset(config, dataset_dir)
   with config.unlocked():
@@ -322,53 +357,53 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                       split)
   eval_batches = lambda split: pipeline.as_numpy(pipeline.eval_dataset(
       dataset_dir, split, global_batch=config.batch_size, extra_keys=()), dataset_dir, split)
-  train_iter = pipeline.as_numpy(pipeline.train_dataset(
+  builder = pipeline.load_builder(dataset_dir)
+  logging.info("Process %d of %d reads %d of the %d 'train' examples per epoch",
+               jax.process_index(), jax.process_count(),
+               pipeline.host_sizes(builder, "train", jax.process_count())[jax.process_index()],
+               builder.info.splits["train"].num_examples)
+  # Two batches on their way to the devices while a step runs.
+  train_batches = sharding.prefetch_to_device(pipeline.as_numpy(pipeline.train_dataset(
       dataset_dir, global_batch=config.batch_size, seed=config.seed, start_step=start,
-      shuffle_buffer=config.shuffle_buffer), dataset_dir, "train")
+      shuffle_buffer=config.shuffle_buffer), dataset_dir, "train"), mesh, size=2)
 
-  stop = {"signal": None}
-  previous = signal.signal(signal.SIGTERM, lambda signum, _: stop.update(signal=signum))
   bar = tqdm(total=config.num_train_steps, initial=start, desc="train", unit="step",
              disable=jax.process_index() != 0, dynamic_ncols=True)
   bar.postfix_values = {}
-  pending, t0 = None, time.perf_counter()
-  try:
-    for step in range(start, config.num_train_steps):
-      state, metrics = train_step(state, to_global(next(train_iter), mesh), rng)
-      # Metrics are read one step late so the host never waits on the device it just fed.
-      if pending is not None:
-        _check_and_log(*pending, writer, bar, config)
-      pending = (step, metrics)
-      done = step + 1
-      bar.update(1)
-      if done % config.log_every_steps == 0:
-        rate = (done - start) * config.batch_size / (time.perf_counter() - t0)
-        bar.set_postfix(bar.postfix_values | {"samples_per_s": f"{rate:.1f}"})
-      if ("validation" in splits and
-          (done % config.eval_every_steps == 0 or done == config.num_train_steps)):
-        _check_and_log(*pending, writer, bar, config)
-        pending = None
-        val = evaluate_split(eval_step, state.params, eval_batches("validation"), mesh, config)
-        writer.write(done, "validation", val)
-        best.save(done, args=ocp.args.StandardSave(state.params), metrics={"val_loss": val["loss"]})
-      if done % config.checkpoint_every_steps == 0 or done == config.num_train_steps:
-        latest.save(done, args=ocp.args.StandardSave(state))
-      if stop["signal"] is not None:
-        logging.warning("Signal %d received: checkpointing step %d and exiting", stop["signal"],
-                        done)
-        if latest.latest_step() != done:
-          latest.save(done, args=ocp.args.StandardSave(state), force=True)
-        break
-    if pending is not None:
-      _check_and_log(*pending, writer, bar, config)
-  finally:
-    bar.close()
-    latest.wait_until_finished()
-    best.wait_until_finished()
-    signal.signal(signal.SIGTERM, previous)
-  if stop["signal"] is not None:
+  log = _TrainLog(writer, bar, config, start)
+  preempted = False
+  with distributed.Preemption() as preemption:
+    try:
+      for step in range(start, config.num_train_steps):
+        state, metrics = train_step(state, next(train_batches), rng)
+        done = step + 1
+        bar.update(1)
+        # The metrics stay on the device until a log step reads them all at once.
+        log.add(done, metrics)
+        if ("validation" in splits and
+            (done % config.eval_every_steps == 0 or done == config.num_train_steps)):
+          val = evaluate_split(eval_step, state.params, eval_batches("validation"), mesh, config)
+          writer.write(done, "validation", val)
+          best.save(done, args=ocp.args.StandardSave(state.params),
+                    metrics={"val_loss": val["loss"]})
+        if done % config.checkpoint_every_steps == 0 or done == config.num_train_steps:
+          latest.save(done, args=ocp.args.StandardSave(state))
+        # Every process asks at every step; all get True at the same step.
+        if preemption.reached(done):
+          logging.warning("Preemption notice: every process stops at step %d, checkpointing it",
+                          done)
+          if latest.latest_step() != done:
+            latest.save(done, args=ocp.args.StandardSave(state), force=True)
+          preempted = True
+          break
+      log.flush()
+    finally:
+      bar.close()
+      latest.wait_until_finished()
+      best.wait_until_finished()
+  if preempted:
     writer.close()
-    raise SystemExit(128 + stop["signal"])
+    raise SystemExit(distributed.Preemption.EXIT_CODE)
 
   results = {"scalars": {}, "predictions": {}, "table": ""}
   if "test" in splits:
@@ -385,20 +420,52 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   return results
 
 
-def _check_and_log(step: int, metrics, writer: MetricWriter, bar, config):
-  """Raises on a non-finite step (its update was skipped); logs every `log_every_steps`."""
-  done = step + 1
-  if done % config.log_every_steps and done != config.num_train_steps:
-    finite = bool(jax.device_get(metrics["finite"]))
-    if finite:
-      return
-  values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-  if not values["finite"]:
-    raise FloatingPointError(
-        f"non-finite loss or gradient at step {done} (loss={values['loss']}, "
-        f"grad_norm={values['grad_norm']}); the update was not applied and the last checkpoint "
-        "holds the previous parameters")
-  writer.write(done, "train", values)
-  bar.postfix_values["loss"] = f"{values['loss']:.4f}"
-  bar.set_postfix(bar.postfix_values, refresh=False)
+class _TrainLog:
+  """The train metrics of every step, read from the devices only at log steps.
 
+  Non-finite steps (their update skipped on the device) are counted there: the logged line
+  carries `nonfinite_steps` (how many since the previous log line), a warning names them, and
+  training stops with FloatingPointError once `config.max_consecutive_nonfinite_steps` (default
+  10) steps in a row were non-finite: the run is then stuck, not unlucky.
+  """
+
+  def __init__(self, writer: MetricWriter, bar, config, start: int):
+    self.writer, self.bar, self.config = writer, bar, config
+    self.max_consecutive = int(config.get("max_consecutive_nonfinite_steps", 10))
+    self.pending: list[tuple[int, Any]] = []
+    self.consecutive: list[int] = []      # The current run of non-finite steps.
+    self.start, self.t0 = start, time.perf_counter()
+
+  def add(self, step: int, metrics):
+    self.pending.append((step, metrics))
+    if step % self.config.log_every_steps == 0 or step == self.config.num_train_steps:
+      self.flush()
+
+  def flush(self):
+    if not self.pending:
+      return
+    steps = [s for s, _ in self.pending]
+    values = [{k: float(v) for k, v in m.items()} for m in jax.device_get(
+        [m for _, m in self.pending])]
+    self.pending = []
+    skipped = []
+    for step, v in zip(steps, values):
+      if v["finite"]:
+        self.consecutive = []
+      else:
+        skipped.append(step)
+        self.consecutive.append(step)
+    if skipped:
+      logging.warning("Non-finite loss or gradient at step(s) %s: their updates were skipped",
+                      ", ".join(map(str, skipped)))
+    last = values[-1]
+    self.writer.write(steps[-1], "train", {**last, "nonfinite_steps": float(len(skipped))})
+    if len(self.consecutive) >= self.max_consecutive:
+      raise FloatingPointError(
+          f"non-finite loss or gradient at {len(self.consecutive)} consecutive steps "
+          f"{self.consecutive[0]}..{self.consecutive[-1]} (last loss={last['loss']}, "
+          f"grad_norm={last['grad_norm']}); their updates were not applied and the checkpoints "
+          "hold the parameters from before them")
+    rate = (steps[-1] - self.start) * self.config.batch_size / (time.perf_counter() - self.t0)
+    self.bar.postfix_values.update(loss=f"{last['loss']:.4f}", samples_per_s=f"{rate:.1f}")
+    self.bar.set_postfix(self.bar.postfix_values, refresh=False)

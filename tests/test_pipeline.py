@@ -65,16 +65,56 @@ def test_batch_parsing_equals_tfds_decoding_example_by_example(tiny_dataset):
       np.testing.assert_array_equal(a, b, err_msg=f"{specobj_id} {k}")
 
 
-def test_two_hosts_together_read_the_one_host_batches(tiny_dataset):
-  single = batches(tiny_dataset, 6)
+def specobj_ids(dataset_dir, records):
+  parse = pipeline.batch_parser(pipeline.load_builder(dataset_dir), ("specobj_id",))
+  return [i.decode() for i in parse(tf.constant(list(records)))["specobj_id"].numpy()]
+
+
+def test_each_process_reads_its_share_and_together_one_epoch(tiny_dataset):
+  builder = pipeline.load_builder(tiny_dataset)
+  assert pipeline.host_sizes(builder, "train", 2) == [9, 8]   # 17 training galaxies.
+  everything = set(specobj_ids(tiny_dataset, tf.data.TFRecordDataset(
+      pipeline._files(builder, "train")).as_numpy_iterator()))  # pylint: disable=protected-access
+  epochs = []
+  for index, size in enumerate((9, 8)):
+    # Its first epoch holds only its own range, which is all it reads.
+    (instruction,) = pipeline.host_instructions(builder, "train", index, 2)
+    assert instruction[1:] == ((0, 9), (9, 8))[index]
+    stream = pipeline.train_records(tiny_dataset, seed=0, process_index=index, process_count=2)
+    records = list(itertools.islice(stream.as_numpy_iterator(), 2 * size))
+    first, second = specobj_ids(tiny_dataset, records[:size]), specobj_ids(tiny_dataset,
+                                                                            records[size:])
+    assert len(set(first)) == size and set(first) == set(second) and first != second
+    epochs.append(set(first))
+  assert not epochs[0] & epochs[1] and epochs[0] | epochs[1] == everything
+
   hosts = [batches(tiny_dataset, 6, process_index=i, process_count=2) for i in (0, 1)]
   assert hosts[0][0]["image"].shape[0] == 2
-  for k, one in enumerate(single):
-    for key in one:
-      np.testing.assert_array_equal(
-          np.concatenate([hosts[0][k][key], hosts[1][k][key]]), one[key], err_msg=f"{k} {key}")
-  (resumed,) = batches(tiny_dataset, 1, process_index=1, process_count=2, start_step=5)
-  np.testing.assert_array_equal(resumed["image"], hosts[1][5]["image"])
+  for k in (1, 4, 5):  # Host 1's step 5 starts in its third epoch (8 records each).
+    (resumed,) = batches(tiny_dataset, 1, process_index=1, process_count=2, start_step=k)
+    np.testing.assert_array_equal(resumed["image"], hosts[1][k]["image"])
+
+
+def test_resume_reads_at_most_one_block(tiny_dataset):
+  # Blocks of 4 records; resuming at record 13 (the fourth block of the shuffled order, one
+  # record in) gives the stream's records from 13 on.
+  stream = lambda start: pipeline.train_records(tiny_dataset, seed=2, start_record=start,
+                                                shuffle_buffer=4, process_index=0,
+                                                process_count=1)
+  full = list(itertools.islice(stream(0).as_numpy_iterator(), 40))
+  for start in (3, 13, 17, 21):
+    assert list(itertools.islice(stream(start).as_numpy_iterator(), 40 - start)) == full[start:]
+  assert len(set(full[:17])) == 17 and set(full[:17]) == set(full[17:34])
+
+
+def test_eval_processes_cover_the_split_once(tiny_dataset):
+  ids = []
+  for index in (0, 1):
+    out = list(pipeline.eval_dataset(tiny_dataset, "train", global_batch=4, process_index=index,
+                                     process_count=2).as_numpy_iterator())
+    assert len(out) == 5                   # ceil(9 / 2) per process, the same on both.
+    ids += [i for b in out for i, m in zip(b["specobj_id"], b["mask"]) if m]
+  assert len(ids) == len(set(ids)) == 17
 
 
 def test_eval_pads_to_whole_batches_with_a_mask(tiny_dataset):

@@ -112,8 +112,42 @@ def test_non_finite_batch_does_not_touch_the_parameters():
   state, metrics = train.make_train_step(config, model, tx, mesh)(
       state, sharding.to_global(batch, mesh), jax.random.key(0))
   assert float(metrics["finite"]) == 0.0
-  assert int(state.step) == 0
-  jax.tree.map(np.testing.assert_array_equal, before.params, jax.device_get(state.params))
+  # Skipped on the device: parameters and Adam's moments unchanged; the step counts the batch.
+  assert int(state.step) == 1
+  after = jax.device_get(state)
+  jax.tree.map(np.testing.assert_array_equal, before.params, after.params)
+  jax.tree.map(np.testing.assert_array_equal, before.opt_state, after.opt_state)
+
+
+class _Writer:
+  def __init__(self):
+    self.lines = []
+
+  def write(self, step, split, metrics):
+    self.lines.append((step, split, metrics))
+
+
+class _Bar:
+  postfix_values = {}
+
+  def set_postfix(self, *args, **kwargs):
+    pass
+
+
+def test_nonfinite_steps_are_counted_at_log_steps_and_a_stuck_run_stops():
+  config = tiny_config(log_every_steps=2, num_train_steps=100)
+  config.max_consecutive_nonfinite_steps = 4
+  writer = _Writer()
+  log = train._TrainLog(writer, _Bar(), config, start=0)  # pylint: disable=protected-access
+  metric = lambda ok: {"loss": jnp.float32(1.0 if ok else np.nan), "grad_norm": jnp.float32(1.0),
+                       "finite": jnp.float32(ok)}
+  for step, ok in enumerate([1, 0, 1, 1, 0, 0, 0], start=1):
+    log.add(step, metric(ok))
+  # One line per log step, with the number of non-finite steps since the previous line.
+  assert [(s, m["nonfinite_steps"]) for s, _, m in writer.lines] == [(2, 1.0), (4, 0.0), (6, 2.0)]
+  with pytest.raises(FloatingPointError, match=r"4 consecutive steps 5\.\.8"):
+    log.add(8, metric(0))
+  assert writer.lines[-1][0] == 8 and writer.lines[-1][2]["nonfinite_steps"] == 2.0
 
 
 def test_invalid_config_names_field_and_allowed_values():
@@ -121,9 +155,14 @@ def test_invalid_config_names_field_and_allowed_values():
   config.dtype = "float16"
   with pytest.raises(ValueError, match=r"config\.dtype='float16'.*'float32', 'bfloat16'"):
     train.validate_config(config)
-  config = tiny_config(batch_size=6)
-  with pytest.raises(ValueError, match=r"config\.batch_size=6.*multiple of the device count 4"):
-    train.validate_config(config)
+  for batch_size, suggestion in ((6, "e.g. 4 or 8"), (2, "e.g. 4 or 8"), (10, "e.g. 8 or 12")):
+    config = tiny_config(batch_size=batch_size)
+    with pytest.raises(ValueError, match=rf"config\.batch_size={batch_size} is invalid.*multiple "
+                       rf"of the device count 4 \(1 process\(es\) x 4 local device\(s\)\), with at "
+                       rf"least 1 example per device; {suggestion}"):
+      train.validate_config(config)
+  for batch_size in (4, 12):  # Any per-device batch >= 1.
+    train.validate_config(tiny_config(batch_size=batch_size))
 
 
 def restore_or_init(latest, config, mesh):

@@ -39,6 +39,7 @@ from absl import flags
 from etils import epath
 
 from astra_jax import grid
+from astra_jax import paths
 
 
 def hide_gpus_from_tensorflow():
@@ -52,13 +53,16 @@ def hide_gpus_from_tensorflow():
 
 def prepare(raw_dir: str, data_dir: str, *, bands=grid.PS1_BANDS, image_size: int = 288,
             softening_sigmas: float = 2.5, min_valid_pixels: int = 500, num_workers: int = 1,
-            beam_runner: str | None = None, beam_options: str = "") -> dict:
+            beam_runner: str | None = None, beam_options: str = "",
+            only_existing: bool = False) -> dict:
   """Builds (or reuses) the dataset; returns the summary that the CLI prints as JSON.
 
   `beam_runner` (e.g. "DirectRunner", "DataflowRunner") reads the galaxies with Apache Beam, with
   `beam_options` a command line of Beam pipeline options; `num_workers` is then unused (the
   runner's options set the parallelism). None: `num_workers` > 1 spawned processes read the
   galaxies while this one writes the examples; 1: this process reads and writes.
+  `only_existing`: raise FileNotFoundError rather than prepare a dataset that is not there yet
+  (what the other processes of a group do once process 0 has prepared it).
   """
   if beam_options and not beam_runner:
     raise ValueError("beam_options need a beam_runner")
@@ -74,21 +78,18 @@ def prepare(raw_dir: str, data_dir: str, *, bands=grid.PS1_BANDS, image_size: in
   config = astropixel.make_config(bands, image_size, softening_sigmas, min_valid_pixels)
   # tfds refuses a custom config named like a registered one: pass registered ones by name.
   registered = {c.name for c in astropixel.Astropixel.BUILDER_CONFIGS}
-  builder = astropixel.Astropixel(data_dir=_absolute(data_dir),
+  builder = astropixel.Astropixel(data_dir=paths.absolute(data_dir),
                                   config=config.name if config.name in registered else config,
                                   num_workers=num_workers)
   dataset_dir = os.fspath(builder.data_dir)
   if not builder.is_prepared():
+    if only_existing:
+      raise FileNotFoundError(f"{dataset_dir}: no prepared dataset")
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        manual_dir=_absolute(raw_dir), try_download_gcs=False,
+        manual_dir=paths.absolute(raw_dir), try_download_gcs=False,
         beam_runner=beam_runner, beam_options=pipeline_options))
     _write_accounts(builder, dataset_dir)
   return summary(dataset_dir)
-
-
-def _absolute(path: str) -> str:
-  """A local path made absolute; a URL (gs://bucket/...) as it is."""
-  return path if "://" in path else os.path.abspath(path)
 
 
 def _write_accounts(builder, dataset_dir: str):
@@ -110,7 +111,7 @@ def _write_accounts(builder, dataset_dir: str):
 
 def summary(dataset_dir: str) -> dict:
   """The counts of a prepared dataset, read back from its manifest."""
-  manifest = os.path.join(dataset_dir, "manifest.jsonl")
+  manifest = paths.join(dataset_dir, "manifest.jsonl")
   if not epath.Path(manifest).exists():
     raise FileNotFoundError(f"{manifest}: missing; the preparation of {dataset_dir} did not finish")
   written = {"train": 0, "validation": 0, "test": 0}

@@ -1,0 +1,77 @@
+"""Paths that are not local folders: a prepared dataset and a workdir under TensorFlow's ram://
+filesystem, reached through etils.epath's TensorFlow backend (the one it uses for gs://)."""
+
+import itertools
+import json
+
+from etils import epath
+from etils.epath import backend
+from etils.epath import gpath
+from etils.epath import register
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from astra_jax import train
+from astra_jax.data import datasets
+from astra_jax.data import pipeline
+from astra_jax.data import prepare
+from experiments.configs import baseline
+
+
+@pytest.fixture
+def ram(monkeypatch):
+  """ram:// known to epath exactly as gs:// is (same class, TensorFlow's gfile backend): offline,
+  so what passes here is what epath and tf.data do with a gs:// path, minus the network."""
+  monkeypatch.setattr(gpath, "_URI_PREFIXES", gpath._URI_PREFIXES + ("ram://",))
+  monkeypatch.setattr(gpath, "_URI_SCHEMES", gpath._URI_SCHEMES | {"ram"})
+  monkeypatch.setitem(gpath._URI_MAP_ROOT, "ram://", "/ram/")
+  monkeypatch.setitem(gpath._PREFIX_TO_BACKEND, "ram", backend.tf_backend)
+  monkeypatch.setitem(register._URI_PREFIXES_TO_CLS, "ram://", gpath.PosixGPath)
+  root = f"ram://astra-test-{np.random.default_rng().integers(1 << 30)}"
+  yield root
+  if tf.io.gfile.exists(root):
+    tf.io.gfile.rmtree(root)
+
+
+def copy_tree(src, dst):
+  for folder, _, files in tf.io.gfile.walk(src):
+    target = folder.replace(src, dst, 1)
+    tf.io.gfile.makedirs(target)
+    for name in files:
+      tf.io.gfile.copy(f"{folder}/{name}", f"{target}/{name}")
+
+
+def test_dataset_and_workdir_on_a_non_local_filesystem(tiny_dataset, ram):
+  remote = f"{ram}/tfds/astropixel/tiny/2.0.0"
+  copy_tree(tiny_dataset, remote)
+  assert epath.Path(remote, "dataset_info.json").exists()
+
+  # The dataset is found where it is, read as from the local copy, and summarised.
+  config = baseline.get_config("tiny")
+  config.data_dir = remote
+  assert datasets.ensure_dataset(config, f"{ram}/run") == remote
+  datasets.check_dataset(config, remote)
+  take = lambda d: list(itertools.islice(pipeline.train_dataset(
+      d, global_batch=4, seed=0, process_index=1, process_count=2).as_numpy_iterator(), 3))
+  for got, want in zip(take(remote), take(tiny_dataset), strict=True):
+    np.testing.assert_array_equal(got["image"], want["image"])
+  ids = [i for b in pipeline.eval_dataset(remote, "test", global_batch=4, process_index=0,
+                                          process_count=1).as_numpy_iterator()
+         for i, m in zip(b["specobj_id"], b["mask"]) if m]
+  assert len(ids) == 5
+  assert prepare.summary(remote)["written"] == prepare.summary(tiny_dataset)["written"]
+
+  # A workdir there: config.json, metrics.jsonl and TensorBoard event files.
+  workdir = f"{ram}/run"
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+  train.write_config(config, workdir)
+  writer = train.MetricWriter(workdir)
+  writer.write(3, "train", {"loss": 1.5})
+  writer.close()
+  assert json.loads(epath.Path(workdir, "config.json").read_text())["data_dir"] == remote
+  assert json.loads(epath.Path(workdir, "metrics.jsonl").read_text()) == {
+      "step": 3, "split": "train", "loss": 1.5}
+  (events,) = tf.io.gfile.listdir(f"{workdir}/tensorboard")
+  assert events.startswith("events.out.tfevents")
+  assert tf.io.gfile.stat(f"{workdir}/tensorboard/{events}").length > 0

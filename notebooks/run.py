@@ -1,13 +1,15 @@
 r"""Execute notebooks/analysis.ipynb against a training workdir and save it with its outputs.
 
   .venv/bin/python notebooks/run.py --workdir runs/baseline [--num 4] \
-      [--out notebooks/analysis.ipynb] [--figures_dir docs] [--set DATA_DIR=/data/tfds]
+      [--out notebooks/analysis.ipynb] [--figures_dir docs [--figures spectra,redshift]] \
+      [--set DATA_DIR=/data/tfds]
 
 The notebook's cell tagged "parameters" is rewritten with the workdir (made absolute), the
 number of galaxies and each `--set NAME=VALUE` (VALUE a Python literal, else a string); the
 notebook then runs top to bottom in a fresh kernel, from the notebooks/ folder, and is written
-to `--out` (by default in place) with its outputs. With `--figures_dir`, the PNG of every cell
-tagged "figure-NAME" is also written there as notebook_NAME.png.
+to `--out` (by default in place) with its outputs. With `--figures_dir`, the PNG of each cell
+tagged "figure-NAME" for NAME in `--figures` (default: spectra; "all": every one) is also
+written there as notebook_NAME.png (the README shows docs/notebook_spectra.png).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import ast
 import base64
 import os
 import re
+from typing import Iterable
 
 import nbclient
 import nbformat
@@ -75,11 +78,19 @@ def figures(nb: nbformat.NotebookNode) -> dict[str, list[bytes]]:
   return out
 
 
-def write_figures(nb: nbformat.NotebookNode, out_dir: str) -> list[str]:
-  """Writes the first PNG of each figure cell as out_dir/notebook_NAME.png; returns the paths."""
+def write_figures(nb: nbformat.NotebookNode, out_dir: str,
+                  names: Iterable[str] | None = None) -> list[str]:
+  """Writes the first PNG of the figure cell of each of `names` (None: all) as
+  out_dir/notebook_NAME.png; returns the paths. Raises KeyError naming an unknown figure."""
+  drawn = figures(nb)
+  names = list(drawn) if names is None else list(names)
+  unknown = sorted(set(names) - set(drawn))
+  if unknown:
+    raise KeyError(f"no figure cells {unknown}; the notebook's are {sorted(drawn)}")
   os.makedirs(out_dir, exist_ok=True)
   paths = []
-  for name, pngs in figures(nb).items():
+  for name in names:
+    pngs = drawn[name]
     if pngs:
       paths.append(os.path.join(out_dir, f"notebook_{name}.png"))
       with open(paths[-1], "wb") as f:
@@ -88,7 +99,8 @@ def write_figures(nb: nbformat.NotebookNode, out_dir: str) -> list[str]:
 
 
 def run(workdir: str, out: str = NOTEBOOK, num: int | None = None,
-        figures_dir: str | None = None, timeout: int = 1800, **params) -> nbformat.NotebookNode:
+        figures_dir: str | None = None, figure_names: Iterable[str] | None = None,
+        timeout: int = 1800, **params) -> nbformat.NotebookNode:
   """Executes the notebook against `workdir`, writes it to `out`; returns it."""
   nb = nbformat.read(NOTEBOOK, as_version=4)
   params["WORKDIR"] = os.path.abspath(workdir)
@@ -97,7 +109,7 @@ def run(workdir: str, out: str = NOTEBOOK, num: int | None = None,
   nb = execute(set_parameters(nb, **params), timeout=timeout)
   nbformat.write(nb, out)
   if figures_dir:
-    write_figures(nb, figures_dir)
+    write_figures(nb, figures_dir, figure_names)
   return nb
 
 
@@ -114,6 +126,8 @@ def main(argv=None):
   parser.add_argument("--num", type=int, default=None, help="Test galaxies drawn (NUM_GALAXIES).")
   parser.add_argument("--out", default=NOTEBOOK, help="Executed notebook (default: in place).")
   parser.add_argument("--figures_dir", default=None, help="Also write notebook_NAME.png here.")
+  parser.add_argument("--figures", default="spectra",
+                      help="Comma-separated figure names to write, or 'all'.")
   parser.add_argument("--timeout", type=int, default=1800, help="Seconds per cell.")
   parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                       help="Another parameter of the notebook (repeatable).")
@@ -124,7 +138,8 @@ def main(argv=None):
     if not sep:
       parser.error(f"--set {item!r}: expected NAME=VALUE")
     params[name] = _literal(value)
-  run(args.workdir, args.out, args.num, args.figures_dir, args.timeout, **params)
+  names = None if args.figures == "all" else args.figures.split(",")
+  run(args.workdir, args.out, args.num, args.figures_dir, names, args.timeout, **params)
   print(args.out)
 
 

@@ -74,7 +74,7 @@ def test_notebook_trains_a_tiny_run_and_draws_its_figures(tiny_dataset, tmp_path
   out = tmp_path / "executed.ipynb"
   before = open(NOTEBOOK).read()
   nb = runner.run(str(workdir), out=str(out), num=2, figures_dir=str(tmp_path / "figures"),
-                  timeout=600, DATA_DIR=tiny_dataset, NUM_IMAGED=3)
+                  figure_names=None, timeout=600, DATA_DIR=tiny_dataset, NUM_IMAGED=3)
 
   assert open(NOTEBOOK).read() == before  # Executed into `out`, not in place.
   assert nbformat.read(str(out), as_version=4) == nb
@@ -92,6 +92,10 @@ def test_notebook_trains_a_tiny_run_and_draws_its_figures(tiny_dataset, tmp_path
     image = matplotlib.image.imread(io.BytesIO(pngs[0]))
     assert min(image.shape[:2]) > 150 and image[..., :3].std() > 0.05, name
   assert sorted(os.listdir(tmp_path / "figures")) == sorted(f"notebook_{n}.png" for n in FIGURES)
+  assert runner.write_figures(nb, str(tmp_path / "one"), ["spectra"]) == [
+      str(tmp_path / "one" / "notebook_spectra.png")]
+  with pytest.raises(KeyError, match="spectrum"):
+    runner.write_figures(nb, str(tmp_path / "one"), ["spectrum"])
   # Only the figure cells draw.
   drawn = [c for c in cells if any("image/png" in o.get("data", {}) for o in c.outputs)]
   assert len(drawn) == len(FIGURES)

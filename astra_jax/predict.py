@@ -47,12 +47,15 @@ import math
 import multiprocessing
 import os
 import re
+import tempfile
 import time
 from typing import Iterable, Iterator
 
+from etils import epath
 import numpy as np
 
 from astra_jax import grid
+from astra_jax import paths
 from astra_jax import photometry
 from astra_jax.data import examples
 from astra_jax.data import fits_io
@@ -419,7 +422,9 @@ def predict_folder(workdir: str, images_dir: str, out_path: str, batch_size: int
   Args:
     workdir: a training workdir (config.json and checkpoints; see `analysis.restore`).
     images_dir: cutouts in either layout of the module docstring.
-    out_path: the FITS table; rejections go to `rejections_path_for(out_path)`.
+    out_path: the FITS table; rejections go to `rejections_path_for(out_path)`. A URL
+      (gs://bucket/...) is written in a local temporary folder and copied there when complete
+      (the table's row count is patched in place, which a bucket cannot do).
     batch_size: images per forward pass (rounded up to a multiple of the local device count).
     num_workers: reading processes; 0 reads in this process; None: min(8, cpu count).
     resize: "reject" or "bin" (module docstring).
@@ -450,6 +455,10 @@ def predict_folder(workdir: str, images_dir: str, out_path: str, batch_size: int
   truth_path = find_truth(images_dir) if truth == "auto" else truth
   truth_z = read_truth(truth_path) if truth_path else {}
   num_workers = min(8, os.cpu_count() or 1) if num_workers is None else num_workers
+  destination = out_path
+  local = tempfile.TemporaryDirectory() if paths.is_url(out_path) else None
+  if local is not None:
+    out_path = os.path.join(local.name, os.path.basename(out_path))
   rejections_path = rejections_path_for(out_path)
   os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
   reasons = collections.Counter()
@@ -481,6 +490,13 @@ def predict_folder(workdir: str, images_dir: str, out_path: str, batch_size: int
     batches.flush()
   bar.close()
   writer.close()
+  if local is not None:
+    for path in (out_path, rejections_path):
+      target = epath.Path(destination).parent / os.path.basename(path)
+      target.parent.mkdir(parents=True, exist_ok=True)
+      epath.Path(path).copy(target, overwrite=True)
+    out_path, rejections_path = destination, rejections_path_for(destination)
+    local.cleanup()
   seconds = time.perf_counter() - start
   times = batches.written_at
   summary = dict(

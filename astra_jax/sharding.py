@@ -75,5 +75,6 @@ def prefetch_to_device(batches: Iterable[dict[str, np.ndarray]], mesh: Mesh, siz
         return
   enqueue(size)
   while queue:
-    yield queue.popleft()
-    enqueue(size)
+    batch = queue.popleft()
+    enqueue(size)  # Before handing `batch` out: `size` more are in flight while it is used.
+    yield batch

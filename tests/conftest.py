@@ -26,6 +26,28 @@ def tiny_dataset(tmp_path_factory):
   return prepare.prepare(str(root / "raw"), str(root / "tfds"), image_size=32)["dataset_dir"]
 
 
+@pytest.fixture
+def ram(monkeypatch):
+  """A fresh ram:// folder, known to epath exactly as gs:// is (same class, TensorFlow's gfile
+  backend): offline, so what passes here is what epath and tf.data do with a gs:// path, minus
+  the network."""
+  # pylint: disable=g-import-not-at-top,protected-access
+  from etils.epath import backend
+  from etils.epath import gpath
+  from etils.epath import register
+  import numpy as np
+  import tensorflow as tf
+  monkeypatch.setattr(gpath, "_URI_PREFIXES", gpath._URI_PREFIXES + ("ram://",))
+  monkeypatch.setattr(gpath, "_URI_SCHEMES", gpath._URI_SCHEMES | {"ram"})
+  monkeypatch.setitem(gpath._URI_MAP_ROOT, "ram://", "/ram/")
+  monkeypatch.setitem(gpath._PREFIX_TO_BACKEND, "ram", backend.tf_backend)
+  monkeypatch.setitem(register._URI_PREFIXES_TO_CLS, "ram://", gpath.PosixGPath)
+  root = f"ram://astra-test-{np.random.default_rng().integers(1 << 30)}"
+  yield root
+  if tf.io.gfile.exists(root):
+    tf.io.gfile.rmtree(root)
+
+
 def pytest_collection_modifyitems(items):
   """The slow end-to-end tests first, so that under `-n 2` their subprocesses do not run alone
   at the end. The suite keeps both cores busy either way (16-17 CPU-minutes in 8 min 46 s), so

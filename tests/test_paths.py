@@ -5,11 +5,7 @@ import itertools
 import json
 
 from etils import epath
-from etils.epath import backend
-from etils.epath import gpath
-from etils.epath import register
 import numpy as np
-import pytest
 import tensorflow as tf
 
 from astra_jax import train
@@ -17,21 +13,6 @@ from astra_jax.data import datasets
 from astra_jax.data import pipeline
 from astra_jax.data import prepare
 from experiments.configs import baseline
-
-
-@pytest.fixture
-def ram(monkeypatch):
-  """ram:// known to epath exactly as gs:// is (same class, TensorFlow's gfile backend): offline,
-  so what passes here is what epath and tf.data do with a gs:// path, minus the network."""
-  monkeypatch.setattr(gpath, "_URI_PREFIXES", gpath._URI_PREFIXES + ("ram://",))
-  monkeypatch.setattr(gpath, "_URI_SCHEMES", gpath._URI_SCHEMES | {"ram"})
-  monkeypatch.setitem(gpath._URI_MAP_ROOT, "ram://", "/ram/")
-  monkeypatch.setitem(gpath._PREFIX_TO_BACKEND, "ram", backend.tf_backend)
-  monkeypatch.setitem(register._URI_PREFIXES_TO_CLS, "ram://", gpath.PosixGPath)
-  root = f"ram://astra-test-{np.random.default_rng().integers(1 << 30)}"
-  yield root
-  if tf.io.gfile.exists(root):
-    tf.io.gfile.rmtree(root)
 
 
 def copy_tree(src, dst):

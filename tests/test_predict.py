@@ -347,3 +347,17 @@ def test_centre_ra_dec_shortcut_agrees_with_the_wcs(raw_dir):
   assert ra_dec == fits_io.image_ra_dec(header, shape) and ra_dec[0] != header["CRVAL1"]
   del header["CTYPE1"], header["CTYPE2"]
   assert np.isnan(predict.centre_ra_dec(header, shape)).all()
+
+
+def test_output_to_a_url(workdir, raw_dir, full, ram):
+  # A bucket cannot patch the table's row count in place: written locally, then copied.
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  out = f"{ram}/predictions/out.fits"
+  summary = predict.predict_folder(workdir, raw_dir, out, batch_size=BATCH, num_workers=0)
+  assert summary["out"] == out
+  assert summary["rejections"] == f"{ram}/predictions/out.rejected.jsonl"
+  local = pathlib.Path(full[0]["out"]).parent / "copied.fits"
+  local.write_bytes(epath.Path(out).read_bytes())
+  rows, _, _, _ = read_table(str(local))
+  assert sorted(rows) == sorted(full[1]) and summary["predicted"] == len(rows)
+  assert epath.Path(summary["rejections"]).exists()

@@ -361,3 +361,19 @@ def test_train_step_computes_the_bf16_model_as_written():
                                 norm_weight=config.norm_loss_weight, z_centers=model.z_centers(),
                                 z_sigma=train.z_label_sigma(config))
   np.testing.assert_allclose(float(metrics["loss"]), float(loss), rtol=2e-3)
+
+
+def test_prefetch_to_device_keeps_two_batches_ahead_in_order():
+  mesh = sharding.create_mesh()
+  pulled = []
+  def host_batches():
+    for i in range(5):
+      pulled.append(i)
+      yield {"x": np.full((4, 3), i, np.float32)}
+  stream = sharding.prefetch_to_device(host_batches(), mesh, size=2)
+  first = next(stream)
+  # The first batch is out and the next two are on their way; no more was read.
+  assert pulled == [0, 1, 2]
+  assert first["x"].sharding == sharding.batch_sharding(mesh)
+  rest = [int(b["x"][0, 0]) for b in stream]
+  assert [int(first["x"][0, 0])] + rest == [0, 1, 2, 3, 4]

@@ -46,7 +46,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Optimisation.
   c.seed = 0
   c.batch_size = 32         # Global, over all devices of all hosts.
-  c.num_train_steps = 600
+  c.num_train_steps = 1000  # 20 epochs of the default survey's ~1,600 training galaxies.
   c.learning_rate = 1e-3
   c.warmup_steps = 50
   c.end_learning_rate_factor = 0.02
@@ -78,7 +78,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.mlp_ratio = 4
   c.model.dropout = 0.1
   c.model.decoder_hidden = 512
-  c.model.cnn_features = (16, 32)
+  # One 3x3 conv layer of 16 channels per patch: the second (32) layer cost ~2/3 of the small
+  # CPU step (0.88 vs 2.5 s side by side); the cheaper step buys 1000 steps in the time of 600.
+  c.model.cnn_features = (16,)
   c.model.num_z_bins = 180
   c.model.z_max = 0.6
   # The calibrated aperture photometry measured on the same cutouts (photometry.aperture_fluxes,

@@ -39,6 +39,10 @@ from astra_jax.models.astra import DEFAULT_Z_MAX, z_bin_centers
 NORM_FLOOR = 1e-3
 
 Terms = Dict[str, Tuple[jax.Array, jax.Array]]
+#: Penalties of the log-normalisation error d = log_norm - log10(norm), in dex: "squared" d^2
+#: (fits the conditional mean), "absolute" |d| (the conditional median: log10(norm / aperture
+#: flux) is skewed by the light the fiber misses, and the flux metrics are medians).
+NORM_LOSSES = ("squared", "absolute")
 
 
 def normalise_spectrum(flux: jax.Array, weight: jax.Array,
@@ -121,28 +125,34 @@ def redshift_loss(z_logits: jax.Array, z: jax.Array, has_z: jax.Array, centers: 
 
 
 def loss_terms(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array], *,
-               z_centers: Optional[Any] = None, z_sigma: float = 0.0) -> Terms:
+               z_centers: Optional[Any] = None, z_sigma: float = 0.0,
+               norm_loss: str = "squared") -> Terms:
   """Per-part (sum over counting examples, number of counting examples) float32 scalars.
 
   outputs: `Astra` outputs (spectrum (B, P), log_norm (B,), z_logits (B, K)).
   batch: flux (B, P), weight (B, P), z (B,), has_z (B,) bool.
   z_centers: (K,) bin centres; None -> `z_bin_centers(K, DEFAULT_Z_MAX)` (pass the model's
     `z_centers()` if it was built with another z_max).
-  Parts: "spectrum": `spectrum_loss` over galaxies with sum(weight) > 0; "norm": (log_norm -
-  log10(norm))^2 over the same galaxies; "redshift": `redshift_loss` over galaxies with has_z.
+  Parts: "spectrum": `spectrum_loss` over galaxies with sum(weight) > 0; "norm": the `norm_loss`
+  penalty (NORM_LOSSES) of log_norm - log10(norm) over the same galaxies; "redshift":
+  `redshift_loss` over galaxies with has_z.
   """
+  if norm_loss not in NORM_LOSSES:
+    raise ValueError(f"norm_loss must be one of {NORM_LOSSES}, got {norm_loss!r}")
   flux_norm, norm = normalise_spectrum(batch["flux"], batch["weight"])
   has_spec = jnp.sum(jnp.maximum(batch["weight"], 0), axis=-1) > 0
   spec = spectrum_loss(outputs["spectrum"], flux_norm, batch["weight"])
   log_norm = outputs["log_norm"].astype(jnp.float32)
-  norm_sq = jnp.where(has_spec, (log_norm - jnp.log10(norm)) ** 2, 0.0)
+  error = log_norm - jnp.log10(norm)
+  penalty = error ** 2 if norm_loss == "squared" else jnp.abs(error)
+  norm_term = jnp.where(has_spec, penalty, 0.0)
   z_logits = outputs["z_logits"]
   if z_centers is None:
     z_centers = z_bin_centers(z_logits.shape[-1], DEFAULT_Z_MAX)
   has_z = batch["has_z"].astype(bool)
   z_ce = redshift_loss(z_logits, batch["z"], has_z, z_centers, sigma=z_sigma)
   n_spec = jnp.sum(has_spec).astype(jnp.float32)
-  return dict(spectrum=(jnp.sum(spec), n_spec), norm=(jnp.sum(norm_sq), n_spec),
+  return dict(spectrum=(jnp.sum(spec), n_spec), norm=(jnp.sum(norm_term), n_spec),
               redshift=(jnp.sum(z_ce), jnp.sum(has_z).astype(jnp.float32)))
 
 
@@ -159,7 +169,7 @@ def combine_terms(terms: Terms, *, z_weight: float,
 
 def total_loss(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array], *,
                z_weight: float, norm_weight: float, z_centers: Optional[Any] = None,
-               z_sigma: float = 0.0, axis_name: Optional[str] = None,
+               z_sigma: float = 0.0, norm_loss: str = "squared", axis_name: Optional[str] = None,
                reduction: str = "pmean") -> Tuple[jax.Array, Dict[str, jax.Array]]:
   """Scalar float32 loss and its parts {"spectrum", "norm", "redshift"} (masked means).
 
@@ -170,7 +180,7 @@ def total_loss(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array],
   """
   if reduction not in ("pmean", "psum"):
     raise ValueError(f"reduction must be 'pmean' or 'psum', got {reduction!r}")
-  terms = loss_terms(outputs, batch, z_centers=z_centers, z_sigma=z_sigma)
+  terms = loss_terms(outputs, batch, z_centers=z_centers, z_sigma=z_sigma, norm_loss=norm_loss)
   if axis_name is None:
     return combine_terms(terms, z_weight=z_weight, norm_weight=norm_weight)
   scale = lax.psum(1, axis_name) if reduction == "pmean" else 1

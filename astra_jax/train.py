@@ -96,6 +96,11 @@ def z_label_sigma(config) -> float:
   return float(config.get("z_label_sigma", 0.0))
 
 
+def norm_loss(config) -> str:
+  """`config.norm_loss` (losses.NORM_LOSSES), or "squared" for configs written before it existed."""
+  return str(config.get("norm_loss", "squared"))
+
+
 def init_state(config, model, tx, mesh: Mesh) -> TrainState:
   """Initialises the train state directly replicated over `mesh` (no host round trip)."""
   def init(rng):
@@ -148,7 +153,8 @@ def make_train_step(config, model, tx, mesh: Mesh):
       # device losses (and of their gradients) is the loss of the whole global batch.
       return losses.total_loss(outputs, batch, z_weight=config.z_loss_weight,
                                norm_weight=config.norm_loss_weight, z_centers=z_centers,
-                               z_sigma=z_sigma, axis_name=DATA_AXIS)
+                               z_sigma=z_sigma, norm_loss=norm_loss(config),
+                               axis_name=DATA_AXIS)
 
     (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     # The mean over 'data' is the identity on a one-device mesh; it is kept there too, so that
@@ -193,7 +199,8 @@ def make_eval_step(config, model, mesh: Mesh):
                           train=False)
     # The redshift term against the same (smoothed) labels as training, so that validation
     # losses pick the best checkpoint by the objective being minimised.
-    terms = losses.loss_terms(outputs, batch, z_centers=z_centers, z_sigma=z_sigma)
+    terms = losses.loss_terms(outputs, batch, z_centers=z_centers, z_sigma=z_sigma,
+                              norm_loss=norm_loss(config))
     sums = {k: (lax.psum(s, DATA_AXIS), lax.psum(c, DATA_AXIS)) for k, (s, c) in terms.items()}
     return sums, outputs
 
@@ -242,6 +249,7 @@ def validate_config(config):
   check(config.model.dim % config.model.num_heads == 0, "model.num_heads",
         f"a divisor of model.dim={config.model.dim}")
   check(z_label_sigma(config) >= 0, "z_label_sigma", "a float >= 0 (0: one-hot labels)")
+  check(norm_loss(config) in losses.NORM_LOSSES, "norm_loss", f"one of {losses.NORM_LOSSES}")
   check(config.eval_every_steps > 0, "eval_every_steps", "an integer > 0")
   check(config.checkpoint_every_steps > 0, "checkpoint_every_steps", "an integer > 0")
   check(config.log_every_steps > 0, "log_every_steps", "an integer > 0")

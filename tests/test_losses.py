@@ -122,6 +122,29 @@ def test_loss_terms_and_total_loss_hand_numbers():
       losses.total_loss(changed, batch, z_weight=0.5, norm_weight=2.0, z_centers=centers)[0], loss)
 
 
+def test_absolute_norm_loss_hand_numbers():
+  outputs, batch = _hand_batch()
+  centers = jnp.array([0.1, 0.3, 0.5])
+  terms = losses.loss_terms(outputs, batch, z_centers=centers, norm_loss="absolute")
+  # |0 - log10 4| + |1 - log10 2| over galaxies 0 and 2; the other parts are unchanged.
+  np.testing.assert_allclose(terms["norm"][0], np.log10(4.0) + 1 - np.log10(2.0), rtol=1e-6)
+  squared = losses.loss_terms(outputs, batch, z_centers=centers)
+  np.testing.assert_allclose(terms["spectrum"][0], squared["spectrum"][0])
+  # Over a constant prediction its minimiser is the median of skewed log ratios, not the mean.
+  target = jnp.array([0.0, 0.0, 0.0, -1.0])                    # log10(norm) of 4 galaxies.
+  skewed = dict(flux=jnp.tile(10.0 ** target[:, None], (1, 4)), weight=jnp.ones((4, 4)),
+                z=jnp.zeros(4), has_z=jnp.ones(4, bool))
+  grid = np.linspace(-1.0, 0.5, 151)
+  def best(loss):
+    cost = [float(losses.loss_terms(
+        dict(spectrum=jnp.ones((4, 4)), log_norm=jnp.full(4, c), z_logits=jnp.zeros((4, 3))),
+        skewed, z_centers=centers, norm_loss=loss)["norm"][0]) for c in grid]
+    return grid[int(np.argmin(cost))]
+  assert abs(best("absolute") - 0.0) < 0.011 and abs(best("squared") + 0.25) < 0.011
+  with pytest.raises(ValueError, match="norm_loss"):
+    losses.loss_terms(outputs, batch, z_centers=centers, norm_loss="huber")
+
+
 def test_total_loss_default_centers_and_empty_parts():
   outputs, batch = _hand_batch()
   outputs = dict(outputs, z_logits=jnp.zeros((3, 180)))

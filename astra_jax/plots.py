@@ -23,8 +23,11 @@ from matplotlib import colors  # pylint: disable=g-import-not-at-top,wrong-impor
 from matplotlib import figure as mpl_figure  # pylint: disable=g-import-not-at-top,wrong-import-position
 from matplotlib import ticker  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+from astropy import visualization  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from astra_jax import evaluate  # pylint: disable=g-import-not-at-top,wrong-import-position
+from astra_jax.data import examples  # pylint: disable=g-import-not-at-top,wrong-import-position
+from astra_jax.data import preprocess  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 #: Rest-frame vacuum wavelengths (Angstrom) of lines marked on the spectra: (label, lambda, kind).
 #: Ca H, 35 Angstrom from K, is drawn without a label of its own (the two would overlap).
@@ -42,11 +45,18 @@ _LINE_COLOURS = {"emission": "tab:blue", "absorption": "tab:red"}
 _DPI = 110
 
 
-#: Colour composite of all five bands: (z, y) -> red, (r, i) -> green, g -> blue, each channel
-#: the mean of its bands.
-GRIZY_CHANNELS = (("z", "y"), ("r", "i"), ("g",))
-#: The i, r, g composite of the analysis script's attention figure.
+#: The standard composite (Lupton et al. 2004): i -> red, r -> green, g -> blue.
 GRI_CHANNELS = (("i",), ("r",), ("g",))
+#: Colour composite of all five bands: (z, y) -> red, (r, i) -> green, g -> blue, each channel
+#: the mean of its bands' fluxes.
+GRIZY_CHANNELS = (("z", "y"), ("r", "i"), ("g",))
+#: `colour_image`'s Lupton asinh (astropy's LuptonAsinhStretch), in nanomaggies per 0.25" pixel
+#: of the channels' mean flux I: linear below LUPTON_STRETCH_NMGY / LUPTON_Q = 0.03, about the
+#: g, r, i softening of the stored images (2.5 PS1 sky sigmas), so that the sky's noise stays
+#: dark; white from 1.85 (0.03 sinh(10 asinh(LUPTON_Q / 10))), the core of a bright galaxy: the
+#: mock survey's galaxies peak at 0.3-3.4 in 96-pixel images.
+LUPTON_Q = 5.0
+LUPTON_STRETCH_NMGY = 0.15
 
 
 def _save(fig, path: str) -> str:
@@ -165,7 +175,7 @@ def spectra(path: str, *args, **kwargs) -> str:
 
 
 def _channels_label(channels: Sequence[Sequence[str]]) -> str:
-  """"R: z,y  G: r,i  B: g" for GRIZY_CHANNELS."""
+  """"R: i  G: r  B: g" for GRI_CHANNELS, "R: z,y  G: r,i  B: g" for GRIZY_CHANNELS."""
   return "  ".join(f"{k}: {','.join(c)}" for k, c in zip("RGB", channels))
 
 
@@ -173,7 +183,7 @@ def galaxies_figure(images: np.ndarray, bands: Sequence[str], wavelength: np.nda
                     flux_true: np.ndarray, weight: np.ndarray, flux_pred: np.ndarray,
                     z_true: np.ndarray, z_pred: np.ndarray | None = None,
                     names: Sequence[str] | None = None,
-                    channels: Sequence[Sequence[str]] = GRIZY_CHANNELS) -> mpl_figure.Figure:
+                    channels: Sequence[Sequence[str]] = GRI_CHANNELS) -> mpl_figure.Figure:
   """One row per galaxy: its colour composite, then its true and predicted spectra.
 
   images (N, bands, H, W) asinh-stretched, composited by `colour_image(image, bands, channels)`;
@@ -332,23 +342,31 @@ def loss_curves(path: str, *args, **kwargs) -> str:
 
 def colour_image(image: np.ndarray, bands: Sequence[str],
                  channels: Sequence[Sequence[str]] = GRI_CHANNELS) -> np.ndarray:
-  """(H, W, 3) RGB in [0, 1] from an asinh-stretched image (bands, H, W).
+  """(H, W, 3) float64 RGB in [0, 1] from an asinh-stretched image (bands, H, W).
 
-  `channels` names the bands of R, G and B (each channel the mean of its bands): i, r, g by
-  default, `GRIZY_CHANNELS` for all five. The stretch is already Lupton's asinh, so a linear map
-  from the sky level (0) to the 99.9th percentile of the three channels is enough. A channel none
-  of whose bands is present makes the reddest three bands R, G, B instead (one band: grey).
+  The image is as the prepared dataset stores it, asinh(f / softening) per band with the default
+  softening (`preprocess.ps1_softening_nmgy(bands, examples.SOFTENING_SIGMAS)`, the configs'
+  softening_sigmas); it is turned back into f, nanomaggies per 0.25" pixel, and composited with
+  Lupton et al. (2004)'s asinh of the mean intensity I = (R + G + B) / 3
+  (`astropy.visualization.make_lupton_rgb`, LUPTON_Q and LUPTON_STRETCH_NMGY): the colour of a
+  pixel is the ratio of its channels' fluxes, so a source of equal AB magnitudes in every channel
+  is grey and one brighter in i than in g is red; the sky (f <= 0) is black.
+  `channels` names the bands of R, G and B (each channel the mean of its bands' fluxes): i, r, g
+  by default, `GRIZY_CHANNELS` for all five. A channel none of whose bands is present makes the
+  reddest three bands R, G, B instead (one band: grey).
   """
   names = list(bands)
-  image = np.asarray(image, np.float32)
+  image = np.asarray(image, np.float64)
   picks = [[names.index(b) for b in channel if b in names] for channel in channels]
   if len(picks) != 3 or not all(picks):
     picks = [[k] for k in list(range(len(names)))[::-1][:3]]
-  rgb = np.stack([image[p].mean(axis=0) for p in picks], axis=-1)
-  if rgb.shape[-1] < 3:
-    rgb = np.repeat(rgb[..., :1], 3, axis=-1)
-  hi = np.percentile(rgb, 99.9)
-  return np.clip(rgb / (hi if hi > 0 else 1.0), 0.0, 1.0)
+    picks += picks[-1:] * (3 - len(picks))  # One band: the same flux in R, G and B.
+  softening = np.asarray(preprocess.ps1_softening_nmgy(names, examples.SOFTENING_SIGMAS))
+  flux = softening[:, None, None] * np.sinh(np.where(np.isfinite(image), image, 0.0))
+  red, green, blue = (flux[p].mean(axis=0) for p in picks)
+  with np.errstate(invalid="ignore", divide="ignore"):  # f(I) / I where I = 0: black, no warning.
+    return visualization.make_lupton_rgb(red, green, blue, stretch=LUPTON_STRETCH_NMGY,
+                                         Q=LUPTON_Q, output_dtype=np.float64)
 
 
 def attention_figure(images: np.ndarray, attention_maps: np.ndarray, bands: Sequence[str],

@@ -9,10 +9,13 @@ import matplotlib.collections
 import matplotlib.image
 from matplotlib import figure as mpl_figure
 import matplotlib.pyplot as plt
+from astropy import visualization
 import numpy as np
 import pytest
 
 from astra_jax import plots
+from astra_jax.data import examples
+from astra_jax.data import preprocess
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BANDS = ("g", "r", "i", "z", "y")
@@ -51,16 +54,55 @@ def test_masked_ranges_cover_whole_pixels():
   assert plots.masked_ranges(wavelength, np.zeros(5)) == [(9.0, 19.0)]
 
 
-def test_colour_image_channels_are_band_means():
-  image = np.stack([np.full((4, 4), v, np.float32) for v in (1.0, 2.0, 3.0, 4.0, 6.0)])
-  rgb = plots.colour_image(image, BANDS, plots.GRIZY_CHANNELS)
-  # R = mean(z, y) = 5, G = mean(r, i) = 2.5, B = g = 1; scaled by the 99.9th percentile (5).
-  np.testing.assert_allclose(rgb[0, 0], [1.0, 0.5, 0.2], rtol=1e-6)
-  np.testing.assert_allclose(plots.colour_image(image, BANDS)[0, 0], [1.0, 2 / 3, 1 / 3],
-                             rtol=1e-6)  # i, r, g by default.
-  # Bands missing from a channel: the reddest three bands there are.
-  np.testing.assert_allclose(plots.colour_image(image[:3], BANDS[:3], plots.GRIZY_CHANNELS)[0, 0],
-                             [1.0, 2 / 3, 1 / 3], rtol=1e-6)
+def stored(flux_nmgy, bands=BANDS):
+  """Fluxes (bands, H, W) in nanomaggies per pixel as the dataset stores them: asinh(f / softening)."""
+  softening = np.array(preprocess.ps1_softening_nmgy(bands, examples.SOFTENING_SIGMAS))
+  return np.arcsinh(np.asarray(flux_nmgy) / softening[:, None, None]).astype(np.float16)
+
+
+def galaxy(colour, size=15):
+  """A round galaxy (5, size, size), nanomaggies: `colour` (5,) times a profile peaking at 1."""
+  y, x = np.mgrid[:size, :size] - size // 2
+  return np.asarray(colour, np.float64)[:, None, None] * np.exp(-(x ** 2 + y ** 2) / 8.0)
+
+
+def test_colour_image_is_lupton_gri_of_the_fluxes():
+  flat = plots.colour_image(stored(galaxy([1.0] * 5)), BANDS)
+  assert flat.shape == (15, 15, 3) and flat.dtype == np.float64
+  assert 0.0 <= flat.min() and flat.max() <= 1.0
+  # Equal AB fluxes in i, r, g (different stored values: each band has its own softening) are
+  # grey; the sky (0 nanomaggies) is black; brighter is brighter, up to white at the core.
+  np.testing.assert_allclose(flat[..., 0], flat[..., 2], atol=5e-3)
+  np.testing.assert_allclose(flat[..., 1], flat[..., 2], atol=5e-3)
+  np.testing.assert_array_equal(plots.colour_image(stored(np.zeros((5, 4, 4))), BANDS), 0.0)
+  profile = flat[7, 7:, 0]
+  assert np.all(np.diff(profile) <= 0) and profile[0] > 0.5 and profile[-1] < 0.05
+  # astropy's make_lupton_rgb of i, r, g in nanomaggies, to float16 storage precision.
+  flux = galaxy([0.3, 0.6, 1.0, 1.2, 1.3])
+  want = visualization.make_lupton_rgb(flux[2], flux[1], flux[0], stretch=plots.LUPTON_STRETCH_NMGY,
+                                       Q=plots.LUPTON_Q, output_dtype=np.float64)
+  np.testing.assert_allclose(plots.colour_image(stored(flux), BANDS), want, atol=2e-3)
+
+
+def test_colour_image_of_a_red_galaxy_is_red():
+  # An early-type galaxy's colours: i brighter than r brighter than g (g - i = 1.3 mag).
+  red = plots.colour_image(stored(galaxy([0.3, 0.6, 1.0, 1.2, 1.3])), BANDS)
+  core = red[7, 7]
+  assert core[0] > core[1] > core[2] and core[0] > 2 * core[2]
+  # The same, blue (a star-forming galaxy) comes out blue; its channels follow its fluxes.
+  blue = plots.colour_image(stored(galaxy([1.0, 0.6, 0.3, 0.25, 0.2])), BANDS)
+  assert blue[7, 7, 2] > blue[7, 7, 1] > blue[7, 7, 0]
+  np.testing.assert_allclose(blue[7, 7], red[7, 7, ::-1], rtol=1e-2)
+  # GRIZY_CHANNELS: z, y in red: redder still than i alone.
+  grizy = plots.colour_image(stored(galaxy([0.3, 0.6, 1.0, 3.0, 3.0])), BANDS, plots.GRIZY_CHANNELS)
+  gri = plots.colour_image(stored(galaxy([0.3, 0.6, 1.0, 3.0, 3.0])), BANDS)
+  assert grizy[7, 7, 0] / grizy[7, 7, 2] > gri[7, 7, 0] / gri[7, 7, 2]
+  # Bands missing from a channel: the reddest three there are; one band: grey.
+  np.testing.assert_array_equal(
+      plots.colour_image(stored(galaxy([0.3, 0.6, 1.0]), BANDS[:3]), BANDS[:3],
+                         plots.GRIZY_CHANNELS), red)
+  one = plots.colour_image(stored(galaxy([1.0]), ("r",)), ("r",))
+  assert one[7, 7, 0] > 0.1 and np.all(one == one[..., :1])
 
 
 def test_galaxies_figure_shows_masked_pixels_as_masked():

@@ -1,9 +1,11 @@
 """notebooks/analysis.ipynb runs top to bottom against a tiny run and draws its figures.
 
 The notebook is executed as `notebooks/run.py` executes it (a fresh python3 kernel, the cell
-tagged "parameters" rewritten): with no run at its workdir, it trains the `tiny` config on the
-tiny dataset first. The kernel inherits this process's environment: the 4 fake CPU devices and
-the tests' persistent compilation cache.
+tagged "parameters" rewritten) against conftest's `tiny_run`, a `tiny` run's workdir as training
+leaves it (its states drawn, not trained): it restores that run and trains nothing. (With no run at its workdir it would train
+the `tiny` config first; `analysis.has_run`, which decides that, is tested here.) The kernel
+inherits this process's environment: the 4 fake CPU devices and the tests' persistent
+compilation cache.
 """
 
 import base64
@@ -11,6 +13,7 @@ import importlib.util
 import io
 import os
 import re
+import shutil
 
 import matplotlib.image
 import nbformat
@@ -67,23 +70,44 @@ def test_set_parameters_rewrites_values_and_keeps_comments():
     runner.set_parameters(nb, NUM_GALAXY=3)
 
 
+def test_has_run_decides_whether_the_notebook_trains(tiny_run, tmp_path):
+  """The notebook trains the `tiny` config first exactly when `analysis.has_run` is False."""
+  workdir, _, _ = tiny_run
+  assert analysis.has_run(workdir)
+  assert not analysis.has_run(str(tmp_path / "missing"))
+  # A save that never finished (Orbax's temporary folder) is no run: the notebook trains.
+  unfinished = tmp_path / "unfinished"
+  shutil.copytree(os.path.join(workdir, "checkpoints", "1"),
+                  unfinished / "checkpoints" / "1.orbax-checkpoint-tmp-1700000000000000")
+  shutil.copy(os.path.join(workdir, "config.json"), unfinished)
+  assert not analysis.has_run(str(unfinished))
+  shutil.copytree(os.path.join(workdir, "checkpoints", "1"), unfinished / "checkpoints" / "1")
+  assert analysis.has_run(str(unfinished))
+  source = "\n".join(c.source for c in code_cells(nbformat.read(NOTEBOOK, as_version=4)))
+  assert "if not analysis.has_run(WORKDIR):\n    tiny = baseline.get_config(\"tiny\")" in source
+
+
 @pytest.mark.slow
-def test_notebook_trains_a_tiny_run_and_draws_its_figures(tiny_dataset, tmp_path):
+def test_notebook_reads_a_tiny_run_and_draws_its_figures(tiny_run, tmp_path):
   runner = load_runner()
-  workdir = tmp_path / "run"
+  workdir, _, _ = tiny_run
   out = tmp_path / "executed.ipynb"
   before = open(NOTEBOOK).read()
-  nb = runner.run(str(workdir), out=str(out), num=2, figures_dir=str(tmp_path / "figures"),
-                  figure_names=None, timeout=600, DATA_DIR=tiny_dataset, NUM_IMAGED=3)
+  run_files = {f: open(os.path.join(workdir, f), "rb").read()
+               for f in ("config.json", "metrics.jsonl", "results.json")}
+  checkpoints = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+  # DATA_DIR None: the test split is read from the run's config.json.
+  nb = runner.run(workdir, out=str(out), num=2, figures_dir=str(tmp_path / "figures"),
+                  figure_names=None, timeout=600, NUM_IMAGED=3)
 
   assert open(NOTEBOOK).read() == before  # Executed into `out`, not in place.
   assert nbformat.read(str(out), as_version=4) == nb
   cells = code_cells(nb)
   assert all(c.execution_count is not None for c in cells)
   assert not [o for c in cells for o in c.outputs if o.output_type == "error"]
-  # No run was there: the notebook trained one and restored it.
-  assert analysis.has_run(str(workdir))
-  assert os.path.exists(workdir / "results.json")
+  # A run was there: the notebook read it and trained nothing (the run is the session's, shared).
+  assert {f: open(os.path.join(workdir, f), "rb").read() for f in run_files} == run_files
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == checkpoints
 
   figures = runner.figures(nb)
   assert set(figures) == FIGURES

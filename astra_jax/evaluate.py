@@ -318,14 +318,15 @@ def results_markdown(results: dict[str, dict[str, float]], split: str = "test") 
 
 
 def write_results(workdir: str, results: dict[str, dict[str, float]], split: str = "test") -> str:
-  """results.json and results.md in `workdir`; returns the Markdown table."""
+  """results.json and results.md in `workdir` (a local folder or a URL such as gs://bucket/run,
+  through etils.epath); returns the Markdown table."""
   import json  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
+  from etils import epath  # pylint: disable=g-import-not-at-top
   table = results_markdown(results, split)
-  with open(os.path.join(workdir, "results.json"), "w") as f:
-    json.dump({"split": split, "results": results}, f, indent=2, sort_keys=True)
-  with open(os.path.join(workdir, "results.md"), "w") as f:
-    f.write(f"# ASTRA and baselines on the {split} split\n\n{table}\n")
+  epath.Path(workdir, "results.json").write_text(
+      json.dumps({"split": split, "results": results}, indent=2, sort_keys=True))
+  epath.Path(workdir, "results.md").write_text(
+      f"# ASTRA and baselines on the {split} split\n\n{table}\n")
   return table
 
 

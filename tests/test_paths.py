@@ -56,3 +56,14 @@ def test_dataset_and_workdir_on_a_non_local_filesystem(tiny_dataset, ram):
   (events,) = tf.io.gfile.listdir(f"{workdir}/tensorboard")
   assert events.startswith("events.out.tfevents")
   assert tf.io.gfile.stat(f"{workdir}/tensorboard/{events}").length > 0
+
+
+def test_results_written_to_a_non_local_workdir(ram):
+  from astra_jax import evaluate
+  results = {"ASTRA": {"spectrum_r2": 0.7, "z_median_sigma_mad": 0.02},
+             "colour kNN": {"spectrum_r2": 0.73, "z_median_sigma_mad": 0.0202}}
+  epath.Path(f"{ram}/run").mkdir(parents=True)  # As training leaves it.
+  table = evaluate.write_results(f"{ram}/run", results)
+  stored = json.loads(tf.io.gfile.GFile(f"{ram}/run/results.json").read())
+  assert stored == {"split": "test", "results": results}
+  assert table in tf.io.gfile.GFile(f"{ram}/run/results.md").read() and "colour kNN" in table

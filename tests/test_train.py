@@ -359,7 +359,8 @@ def test_train_step_computes_the_bf16_model_as_written():
                           jnp.asarray(batch["aperture_fluxes"]), train=True)
     loss, _ = losses.total_loss(outputs, batch, z_weight=config.z_loss_weight,
                                 norm_weight=config.norm_loss_weight, z_centers=model.z_centers(),
-                                z_sigma=train.z_label_sigma(config))
+                                z_sigma=train.z_label_sigma(config),
+                                norm_loss=train.norm_loss(config))
   np.testing.assert_allclose(float(metrics["loss"]), float(loss), rtol=2e-3)
 
 

@@ -13,73 +13,24 @@ import textwrap
 import jax
 import matplotlib.image
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from astra_jax import analysis
-from astra_jax import checkpoint
 from astra_jax import evaluate
 from astra_jax import grid
 from astra_jax import sharding
 from astra_jax import train
 from astra_jax.data import pipeline
 from experiments import analyze
-from experiments.configs import baseline
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def host_params(abstract, seed):
-  """Parameters in the model's shapes drawn on the host (no init compilation: ~20 s on 2 CPUs).
-
-  Kernels ~ N(0, 1/fan_in), LayerNorm scales 1, other vectors ~ N(0, 0.02^2): outputs of the
-  size a freshly initialised model gives.
-  """
-  rng = np.random.default_rng(seed)
-  def draw(path, leaf):
-    name = jax.tree_util.keystr(path)
-    if "scale" in name:
-      return np.ones(leaf.shape, leaf.dtype)
-    std = 1 / np.sqrt(np.prod(leaf.shape[:-1])) if len(leaf.shape) >= 2 else 0.02
-    return (std * rng.normal(size=leaf.shape)).astype(leaf.dtype)
-  return jax.tree_util.tree_map_with_path(draw, abstract)
-
-
-@pytest.fixture(scope="module")
-def run(tiny_dataset, tmp_path_factory):
-  """(workdir, config, params at step 2) of a tiny run on the tiny dataset, as training leaves it.
-
-  config.json, metrics.jsonl and the Orbax checkpoints (TrainState at steps 1 and 2, params at
-  step 2 in best/) are written by `train`'s writers and `checkpoint`'s managers; the states
-  themselves are drawn on the host: compiling the init and train steps would take most of this
-  file's time budget on a small CPU, and what is tested here is reading them back.
-  """
-  config = baseline.get_config("tiny")
-  config.data_dir = tiny_dataset
-  train.validate_config(config)
-  workdir = str(tmp_path_factory.mktemp("analysis_run"))
-  train.write_config(config, workdir)
-  mesh = sharding.create_mesh()
-  model, tx = train.make_model(config), train.make_optimizer(config)
-  abstract = train.abstract_state(config, model, tx, mesh)
-  latest, best = checkpoint.checkpoint_managers(workdir, config)
-  writer = train.MetricWriter(workdir)
-  for step in (1, 2):
-    state = train.TrainState(
-        step=np.int32(step), params=host_params(abstract.params, step),
-        opt_state=jax.tree.map(lambda s: np.full(s.shape, 0.1 * step, s.dtype), abstract.opt_state))
-    state = jax.device_put(state, jax.tree.map(lambda s: s.sharding, abstract))
-    writer.write(step, "train", dict(loss=3.0 / step, loss_spectrum=1.5 / step,
-                                     loss_norm=0.5 / step, loss_redshift=4.0 / step))
-    latest.save(step, args=ocp.args.StandardSave(state))
-  writer.write(2, "validation", dict(loss=2.0, spectrum=1.2, norm=0.1, redshift=3.5))
-  best.save(2, args=ocp.args.StandardSave(state.params), metrics={"val_loss": 2.0})
-  writer.close()
-  for manager in (latest, best):
-    manager.wait_until_finished()
-    manager.close()
-  assert latest.all_steps() == [1, 2] and best.all_steps() == [2]
-  return workdir, config, jax.device_get(state.params)
+@pytest.fixture(scope="session")
+def run(tiny_run):
+  """conftest's `tiny_run`: (workdir, config, params at step 2) of a tiny run as training leaves
+  it (states drawn on the host; what is tested here is reading them back)."""
+  return tiny_run
 
 
 @pytest.fixture(scope="module")

@@ -369,6 +369,22 @@ def test_photometry_token_shapes_and_needs_fluxes():
                                 plain.apply({"params": plain_params}, images, fluxes, train=False)["z_logits"])
 
 
+def test_photometry_to_heads_reaches_the_heads_without_the_encoder():
+  model = Astra(**TINY, photometry_to_heads=True)
+  images, fluxes = _images(), _aperture_fluxes()
+  params = _init(model, images, fluxes, train=False)
+  # The heads read [summary token, photometry embedding]: 2 dim features.
+  assert params["redshift"]["hidden"]["kernel"].shape[0] == 2 * TINY["dim"]
+  assert params["decoder"]["hidden"]["kernel"].shape[0] == 2 * TINY["dim"]
+  out = model.apply({"params": params}, images, fluxes, train=False)
+  # No photometry token: the encoder never sees the fluxes, so only the skip can carry them.
+  other = model.apply({"params": params}, images, fluxes * 3.0, train=False)
+  assert float(jnp.max(jnp.abs(other["z_logits"] - out["z_logits"]))) > 1e-6
+  assert float(jnp.max(jnp.abs(other["spectrum"] - out["spectrum"]))) > 1e-6
+  with pytest.raises(ValueError, match="aperture_fluxes"):
+    model.apply({"params": params}, images, train=False)
+
+
 def test_aperture_amplitude_is_relative_to_the_r_band_3_arcsec_flux():
   model = Astra(**TINY, amplitude="aperture")
   images, fluxes = _images(), _aperture_fluxes()

@@ -3,7 +3,8 @@
 images (B, bands, H, W) -> PatchCNN -> (B, N, dim) patch tokens, N = (H/p)(W/p)
   [+ aperture_fluxes (B, bands, 5) -> PhotometryEmbed -> one photometry token, `photometry_token`]
   -> TransformerEncoder (2-D sin-cos positions, appended summary token, pre-norm blocks)
-  -> summary token (B, dim) -> SpectrumDecoder (spectrum (B, num_pixels), log_norm (B,))
+  -> summary token (B, dim) [concatenated with the photometry embedding, `photometry_to_heads`]
+  -> SpectrumDecoder (spectrum (B, num_pixels), log_norm (B,))
                             -> RedshiftHead (z_logits (B, num_z_bins)).
 The spectrum is on the fixed grid of `astra_jax.grid` (4000 pixels), divided by the per-galaxy
 normalisation of `astra_jax.losses.normalise_spectrum`; `log_norm` predicts log10 of that
@@ -275,8 +276,10 @@ class Astra(nn.Module):
   dropout masks are drawn for that row alone), and attention runs through
   `jax.nn.dot_product_attention`. `dtype` is the compute dtype of the stock layers (bf16: params
   float32, matmuls in bf16), `param_dtype` the parameter dtype; outputs are float32 either way.
-  `photometry_token`: `PhotometryEmbed(aperture_fluxes)` joins the patch tokens as one more token.
-  The photometry token and either aperture amplitude need `aperture_fluxes` (`uses_photometry`).
+  `photometry_token`: `PhotometryEmbed(aperture_fluxes)` joins the patch tokens as one more token;
+  `photometry_to_heads`: that embedding (one module for both) is concatenated to the summary token
+  the heads read (B, 2 dim). Either, and either aperture amplitude, need `aperture_fluxes`
+  (`uses_photometry`).
   """
   patch_size: int = 16
   dim: int = 1280
@@ -291,6 +294,7 @@ class Astra(nn.Module):
   patch_embedding: str = "conv2d"
   cnn_features: Sequence[int] = (32, 64)
   photometry_token: bool = False
+  photometry_to_heads: bool = False
   amplitude: str = "head"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -304,7 +308,7 @@ class Astra(nn.Module):
   @property
   def uses_photometry(self) -> bool:
     """Whether `__call__` needs `aperture_fluxes`."""
-    return self.photometry_token or self.amplitude != "head"
+    return self.photometry_token or self.photometry_to_heads or self.amplitude != "head"
 
   @classmethod
   def from_config(cls, model_config: Mapping[str, Any], dtype: Any = None) -> "Astra":
@@ -341,10 +345,12 @@ class Astra(nn.Module):
     grid_shape = patch_grid(images.shape[2:], self.patch_size)
     tokens = PatchCNN(self.patch_size, self.dim, self.patch_embedding, tuple(self.cnn_features),
                       dtype=self.dtype, param_dtype=self.param_dtype, name="embed")(images)
-    extra = None
+    extra = photometry = None
+    if self.photometry_token or self.photometry_to_heads:
+      photometry = PhotometryEmbed(self.dim, dtype=self.dtype, param_dtype=self.param_dtype,
+                                   name="photometry")(aperture_fluxes)
     if self.photometry_token:
-      extra = PhotometryEmbed(self.dim, dtype=self.dtype, param_dtype=self.param_dtype,
-                              name="photometry")(aperture_fluxes)[:, None]
+      extra = photometry[:, None]
     # The heads read the summary token only: unless every block's attention weights are being
     # collected, the last block computes the summary token alone (fewer FLOPs).
     _, summary, attention = TransformerEncoder(
@@ -353,6 +359,10 @@ class Astra(nn.Module):
             tokens, grid_shape, train=train, extra_tokens=extra,
             summary_only=not self.is_mutable_collection("intermediates"),
             return_attention=return_attention)
+    if self.photometry_to_heads:
+      # The heads also read the photometry embedding directly (GaZNet, Li et al. 2022, joins
+      # its catalogue branch to the image branch here), not only through attention.
+      summary = jnp.concatenate([summary, photometry.astype(summary.dtype)], axis=-1)
     spectrum, log_norm = SpectrumDecoder(self.num_pixels, self.decoder_hidden, dtype=self.dtype,
                                          param_dtype=self.param_dtype, name="decoder")(summary)
     if self.amplitude == "aperture":

@@ -89,6 +89,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # The calibrated aperture photometry measured on the same cutouts (photometry.aperture_fluxes,
   # stored by prepare, measured on the FITS files by predict) as one more input token ...
   c.model.photometry_token = True
+  # ... and, with photometry_to_heads, that embedding also goes straight to the heads beside the
+  # summary token (docs/science.md, lever (h)).
+  c.model.photometry_to_heads = False
   # ... and the amplitude: log_norm predicted as a correction to the normalisation at which the
   # predicted spectrum has the r-band 3 arcsec aperture flux (astra.AMPLITUDES,
   # astra.spectrum_log_norm). docs/science.md has the ablation.

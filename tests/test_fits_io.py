@@ -1,5 +1,6 @@
 """Tests of astra_jax.data.fits_io on tiny files written in the raw ASTROPIXEL / SDSS formats."""
 
+import gzip
 import math
 import os
 import pickle
@@ -440,3 +441,53 @@ def test_read_galaxy_missing_spectrum(tmp_path):
   assert_input_error(excinfo, os.path.join(gdir, "spectrum", "spectrum.csv"),
                      fits_io.MISSING_SPECTRUM)
   assert fits_io.read_galaxy(gdir, require_spectrum=False).spectrum is None
+
+
+def test_the_same_files_at_a_url_read_the_same(tmp_path, ram_copy):
+  # Every reader through epath on ram:// (as on gs://): the same arrays, and the same reasons
+  # and details naming the file under the URL, as from the local copy. (No name here is the
+  # start of another's in its folder: ram:// takes such a name for a folder.)
+  gdir = make_galaxy(str(tmp_path / "raw"), spectrum="fits")
+  write_csv_spectrum(os.path.join(gdir, "spectrum", "spectrum.csv"), [4000.0, 4001.0], [1, 2])
+  images = os.path.join(gdir, "images")
+  raw = open(os.path.join(images, f"{SID}_g.fits"), "rb").read()
+  with gzip.open(os.path.join(images, f"{SID}_r.fits.gz"), "wb") as f:
+    f.write(open(os.path.join(images, f"{SID}_r.fits"), "rb").read())
+  os.remove(os.path.join(images, f"{SID}_r.fits"))
+  for name, data in (("cut.fits", raw[:2880 + 100]), ("garbage.fits", b"not FITS\n" * 400),
+                     ("cutgz.fits.gz", gzip.compress(raw)[:300])):
+    open(os.path.join(images, name), "wb").write(data)
+  with open(tmp_path / "raw" / "data.csv", "w") as f:
+    f.write("\ufeff#plate,mjd,fiberid,specobj_id,ra,dec,z\n"
+            f"266,51630,1,'{SID}',146.7,-1.04,0.1\n266,51630,x,'7',1,2,0.2\n")
+  url = ram_copy(tmp_path / "raw", "raw")
+  remote = lambda path: url + path[len(str(tmp_path / "raw")):]
+
+  def outcome(read, path):
+    try:
+      return read(path)
+    except fits_io.InputError as e:
+      return (e.path, e.reason, e.detail)
+
+  galaxy, at_url = fits_io.read_galaxy(gdir), fits_io.read_galaxy(remote(gdir))
+  np.testing.assert_array_equal(at_url.images, galaxy.images)
+  assert at_url.path == remote(gdir) and at_url.spectrum.path == remote(galaxy.spectrum.path)
+  np.testing.assert_array_equal(at_url.spectrum.flux, galaxy.spectrum.flux)
+  assert fits_io.find_spectrum(remote(gdir)).endswith("spectrum/spec-0266-51630-0001.fits")
+  assert fits_io.band_path(remote(gdir), SID, "r").endswith(f"{SID}_r.fits.gz")
+  csv = os.path.join(gdir, "spectrum", "spectrum.csv")
+  np.testing.assert_array_equal(fits_io.read_spectrum(remote(csv)).flux,
+                                fits_io.read_spectrum(csv).flux)
+  catalog = str(tmp_path / "raw" / "data.csv")
+  local_rows = fits_io.read_catalog_rows(catalog)
+  url_rows = fits_io.read_catalog_rows(remote(catalog))
+  assert url_rows[0] == local_rows[0] and url_rows[1].reason == fits_io.BAD_ROW
+  assert str(url_rows[1]) == remote(str(local_rows[1]))
+  for name in ("cut.fits", "garbage.fits", "cutgz.fits.gz", "missing.fits"):
+    path = os.path.join(images, name)
+    local, at_url = outcome(fits_io.read_image, path), outcome(fits_io.read_image, remote(path))
+    assert at_url == (remote(path),) + local[1:] and local[1] in (
+        fits_io.UNREADABLE_FITS, fits_io.MISSING_BAND), name
+  missing = os.path.join(gdir, "spectrum", "spec-none.fits")
+  assert outcome(fits_io.read_spectrum, remote(missing))[1:] == (fits_io.MISSING_SPECTRUM, None)
+  assert outcome(fits_io.read_catalog_rows, remote(catalog + "x"))[1] == fits_io.MISSING_FILE

@@ -15,17 +15,8 @@ from astra_jax.data import prepare
 from experiments.configs import baseline
 
 
-def copy_tree(src, dst):
-  for folder, _, files in tf.io.gfile.walk(src):
-    target = folder.replace(src, dst, 1)
-    tf.io.gfile.makedirs(target)
-    for name in files:
-      tf.io.gfile.copy(f"{folder}/{name}", f"{target}/{name}")
-
-
-def test_dataset_and_workdir_on_a_non_local_filesystem(tiny_dataset, ram):
-  remote = f"{ram}/tfds/astropixel/tiny/2.0.0"
-  copy_tree(tiny_dataset, remote)
+def test_dataset_and_workdir_on_a_non_local_filesystem(tiny_dataset, ram, ram_copy):
+  remote = ram_copy(tiny_dataset, "tfds/astropixel/tiny/2.0.0")
   assert epath.Path(remote, "dataset_info.json").exists()
 
   # The dataset is found where it is, read as from the local copy, and summarised.

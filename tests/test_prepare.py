@@ -309,6 +309,30 @@ def test_workers_give_the_same_dataset(survey, tmp_path):
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
+def test_raw_dir_on_a_non_local_filesystem(survey, ram_copy, tmp_path):
+  # The broken survey copied to ram:// (read through epath, as gs:// is): the same galaxies
+  # written, the same rejections with the same reasons, naming the same files under the URL.
+  # One reader: ram:// lives in this process, which spawned readers cannot see (a bucket they can).
+  url = ram_copy(survey["raw"], "raw")
+  result = prepare.prepare(url, str(tmp_path), image_size=32, num_workers=1)
+  assert result["written"] == survey["result"]["written"]
+  read = lambda d, name: open(os.path.join(d, name)).read()
+  local = survey["result"]["dataset_dir"]
+  assert read(result["dataset_dir"], "manifest.jsonl") == read(local, "manifest.jsonl")
+  rejected = read(result["dataset_dir"], "rejected.jsonl")
+  assert rejected.count(url) == read(local, "rejected.jsonl").count(survey["raw"]) > 10
+  assert rejected.replace(url, survey["raw"]) == read(local, "rejected.jsonl")
+  builder = tfds.builder_from_directory(result["dataset_dir"])
+  reference = tfds.builder_from_directory(local)
+  assert set(builder.info.splits) == set(reference.info.splits)
+  for split in builder.info.splits:
+    ours = builder.as_dataset(split=split, shuffle_files=False)
+    theirs = reference.as_dataset(split=split, shuffle_files=False)
+    for a, b in zip(tfds.as_numpy(ours), tfds.as_numpy(theirs), strict=True):
+      for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
 def test_reader_processes_do_not_import_tensorflow(survey):
   row = next(r for r in fits_io.read_catalog(os.path.join(survey["raw"], "data.csv"))
              if r.specobj_id == survey["ids"][0])

@@ -31,6 +31,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from astra_jax import grid
+from astra_jax import paths
 from astra_jax import photometry
 from astra_jax.data import examples
 from astra_jax.data import fits_io
@@ -116,13 +117,16 @@ class RawSurvey:
 
 
 def scan_raw_dir(raw_dir: str) -> RawSurvey:
-  """Matches data.csv rows with `Galaxy_*` folders; catalogue-level problems become rejections."""
+  """Matches data.csv rows with `Galaxy_*` folders; catalogue-level problems become rejections.
+
+  `raw_dir` is a local folder or a URL (gs://bucket/astropixel), listed once.
+  """
   catalog_path = os.path.join(raw_dir, "data.csv")
-  if not os.path.isfile(catalog_path):
+  if not paths.is_file(catalog_path):
     raise fits_io.InputError(catalog_path, "missing data.csv")
   folders = {name[len("Galaxy_"):]: os.path.join(raw_dir, name)
-             for name in os.listdir(raw_dir)
-             if name.startswith("Galaxy_") and os.path.isdir(os.path.join(raw_dir, name))}
+             for name, is_folder in paths.entries(raw_dir)
+             if name.startswith("Galaxy_") and is_folder}
   items, rejections, seen = [], [], {}
   rows = fits_io.read_catalog_rows(catalog_path)
   for line_no, row in enumerate(rows, start=2):

@@ -16,8 +16,9 @@ same examples and the same rejected.jsonl / manifest.jsonl come out:
 Beam's DirectRunner first tries Prism, a binary it downloads from GitHub, and falls back to its
 in-process FnApiRunner (the same options) when that fails; `--beam_runner FnApiRunner` skips Prism.
 On a cluster runner (DataflowRunner, FlinkRunner, SparkRunner) the workers write the shards, so
---data_dir must be a path they share (gs://... on Dataflow), and --raw_dir a filesystem path that
-the launching machine and every worker can read (raw files are read with plain file I/O).
+--data_dir must be a path they share (gs://... on Dataflow), and --raw_dir one that the launching
+machine and every worker can read: a shared folder or a bucket (gs://..., read through
+etils.epath).
 
 Ends with one JSON line:
   {"written": {"train": n, "validation": n, "test": n}, "rejected": n,

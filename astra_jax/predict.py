@@ -7,11 +7,12 @@ Input layouts (both may share one folder; an id is any file-name stem, not only 
   DIR/Galaxy_{id}/images/{id}_{band}.fits     ASTROPIXEL (spectrum/ folders, data.csv unused)
   DIR/{id}_{band}.fits                        flat
 
-A band file may also be `.fits.fz` or `.fits.gz`. Images go through `examples.image_example`
-with the bands, image_size and softening_sigmas of the checkpoint's config.json, and their
-aperture photometry (a model input: the photometry token, the amplitude's anchor) through
-`photometry.aperture_fluxes`: the very code that prepared the training set (each band calibrated
-to nanomaggies by its header's zero point).
+DIR may be a URL (gs://bucket/cutouts; read through `etils.epath`). A band file may also be
+`.fits.fz` or `.fits.gz`. Images go through `examples.image_example` with the bands, image_size
+and softening_sigmas of the checkpoint's config.json, and their aperture photometry (a model
+input: the photometry token, the amplitude's anchor) through `photometry.aperture_fluxes`: the
+very code that prepared the training set (each band calibrated to nanomaggies by its header's
+zero point).
 A run whose config.json has no softening_sigmas was trained on uncalibrated inputs (astropixel
 before 2.0.0) and is refused (`example_config`). Cutouts must be 288 x 288 (`resize="reject"`,
 the default); with `resize="bin"` any square cutout whose side is a multiple of image_size is
@@ -32,7 +33,8 @@ the first band's WCS; NaN without a celestial WCS), z_mean, z_mode, z_lo, z_hi (
 interval), z_pdf (num_z_bins,) per bin, flux_pred (4000,) in 1e-17 erg/s/cm^2/Angstrom on the
 vacuum observed-frame grid LOGLAM0 + DLOGLAM * i (header cards). HDU 2 Z_EDGES: the bin edges.
 jax and the model are imported only by `predict_folder`: workers import this module and need
-neither (nor TensorFlow: `examples` is the TF-free half of the astropixel builder).
+neither (nor TensorFlow: `examples` is the TF-free half of the astropixel builder; only cutouts
+under a URL bring it in, as epath's gfile backend).
 """
 
 from __future__ import annotations
@@ -85,22 +87,22 @@ class Job:
 def find_galaxies(images_dir: str, bands: Iterable[str]) -> tuple[list[Job], list[dict]]:
   """(jobs sorted by id, rejections of ids found twice) for the galaxies of `images_dir`.
 
-  One listing of `images_dir`: `Galaxy_{id}` folders and flat `{id}_{band}.fits[.fz|.gz]` files
-  of the given bands. A flat id that also has a Galaxy_ folder is rejected (DUPLICATE_ID).
-  Raises FileNotFoundError when `images_dir` is not a folder.
+  One listing of `images_dir` (a local folder or a URL, gs://bucket/cutouts): `Galaxy_{id}`
+  folders and flat `{id}_{band}.fits[.fz|.gz]` files of the given bands. A flat id that also has
+  a Galaxy_ folder is rejected (DUPLICATE_ID). Raises FileNotFoundError when `images_dir` is not
+  a folder.
   """
-  if not os.path.isdir(images_dir):
+  if not paths.is_dir(images_dir):
     raise FileNotFoundError(f"{images_dir}: no such folder of cutouts")
   bands = tuple(bands)
   folders, flat = {}, set()
-  with os.scandir(images_dir) as entries:
-    for entry in entries:
-      if entry.name.startswith("Galaxy_") and entry.is_dir():
-        folders[entry.name[len("Galaxy_"):]] = entry.path
-      else:
-        m = _FLAT_NAME.match(entry.name)
-        if m and m.group("band") in bands and entry.is_file():
-          flat.add(m.group("id"))
+  for name, is_folder in paths.entries(images_dir):
+    if name.startswith("Galaxy_") and is_folder:
+      folders[name[len("Galaxy_"):]] = os.path.join(images_dir, name)
+    else:
+      m = _FLAT_NAME.match(name)
+      if m and m.group("band") in bands and not is_folder:
+        flat.add(m.group("id"))
   jobs = [Job(i, os.path.join(path, "images"), path) for i, path in folders.items()]
   pattern = "{" + ",".join(bands) + "}" if len(bands) > 1 else bands[0]
   rejections = []
@@ -188,11 +190,11 @@ def load_galaxy(job: Job, config: examples.ExampleConfig, resize: str
   pixel, as the training cutouts). Raises fits_io.InputError as
   `fits_io.read_bands` (MISSING_BAND, UNREADABLE_FITS, NO_IMAGE, INCONSISTENT_SHAPES),
   `check_shape` and `examples.image_example` (NO_ZERO_POINT, MOSTLY_NONFINITE) do."""
-  paths = band_files(job, config.bands)
-  images, headers = fits_io.read_bands(paths, config.bands)
+  files = band_files(job, config.bands)
+  images, headers = fits_io.read_bands(files, config.bands)
   shape = images.shape[1:]
   check_shape(shape, config, resize, job.path)
-  image = examples.image_example(images, headers, config, paths)
+  image = examples.image_example(images, headers, config, files)
   return (image, photometry_of(images, headers)) + centre_ra_dec(headers[0], shape)
 
 
@@ -374,7 +376,7 @@ def read_truth(path: str) -> dict[str, float]:
   """{id: z} from a CSV with `specobj_id` and `z` columns (a mock truth.csv, an ASTROPIXEL
   data.csv: `#` before the header and quoted ids allowed); rows without a finite z are skipped.
   Raises ValueError when a column is missing."""
-  with open(path, encoding="utf-8-sig") as f:
+  with paths.open_text(path) as f:
     lines = (l for l in f if l.strip())
     names = [n.lstrip("#").strip().lower() for n in _fields(next(lines, ""))]
     if "specobj_id" not in names or "z" not in names:
@@ -396,8 +398,8 @@ def find_truth(images_dir: str) -> str | None:
   """`images_dir`'s truth.csv, else its data.csv, when it has a z column; else None."""
   for name in ("truth.csv", "data.csv"):
     path = os.path.join(images_dir, name)
-    if os.path.isfile(path):
-      with open(path, encoding="utf-8-sig") as f:
+    if paths.is_file(path):
+      with paths.open_text(path) as f:
         names = [n.lstrip("#").strip().lower() for n in _fields(f.readline() or ",")]
       if "z" in names and "specobj_id" in names:
         return path
@@ -477,7 +479,7 @@ def predict_folder(workdir: str, images_dir: str, out_path: str, batch_size: int
     id_width = max((len(j.specobj_id) for j in jobs), default=1)
     softening = ",".join(f"{v:.4g}" for v in data_config.softening_nmgy)
     writer = _table_writer(out_path, model, config, id_width,
-                           {"WORKDIR": (os.path.abspath(workdir), "training run"),
+                           {"WORKDIR": (paths.absolute(workdir), "training run"),
                             "RESIZE": (resize, "cutouts of other sizes: reject or bin"),
                             "SOFTNMGY": (softening, "[nmgy] asinh softening")})
     batches = _Batches(model, params, -(-batch_size // ndev) * ndev, writer, truth_z)

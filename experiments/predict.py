@@ -4,11 +4,11 @@ r"""Predict spectra and redshift PDFs for a folder of cutouts (no spectra needed
       [--batch_size 64] [--num_workers N] [--resize {reject,bin}] [--truth CSV|none] \
       [--best] [--step N]
 
-DIR holds `Galaxy_{id}/images/{id}_{band}.fits` (ASTROPIXEL) or flat `{id}_{band}.fits`; see
-`astra_jax.predict` for the table, the rejection file (`predictions.rejected.jsonl` beside the
-output) and `--resize`. With a truth table (`--truth`, or DIR/truth.csv or DIR/data.csv having a z
-column) the redshift sigma_MAD, outlier fraction and bias are printed. The last line of stdout is
-the summary as one JSON object.
+DIR (a folder, or a URL: gs://bucket/cutouts) holds `Galaxy_{id}/images/{id}_{band}.fits`
+(ASTROPIXEL) or flat `{id}_{band}.fits`; see `astra_jax.predict` for the table, the rejection file
+(`predictions.rejected.jsonl` beside the output) and `--resize`. With a truth table (`--truth`, or
+DIR/truth.csv or DIR/data.csv having a z column) the redshift sigma_MAD, outlier fraction and
+bias are printed. The last line of stdout is the summary as one JSON object.
 """
 
 import json

@@ -361,3 +361,31 @@ def test_output_to_a_url(workdir, raw_dir, full, ram):
   rows, _, _, _ = read_table(str(local))
   assert sorted(rows) == sorted(full[1]) and summary["predicted"] == len(rows)
   assert epath.Path(summary["rejections"]).exists()
+
+
+def test_input_folder_at_a_url(workdir, raw_dir, full, tmp_path, ram_copy):
+  # Cutouts under ram:// (read through epath, as gs:// is), both layouts and a .fits.gz: the
+  # same rows as from the local folder, and data.csv found there as the truth table.
+  ids = survey_ids(raw_dir)[:4]
+  folder = tmp_path / "cutouts"
+  copy_images(raw_dir, ids[:3], str(folder))
+  for b in "grizy":
+    shutil.copy(os.path.join(raw_dir, f"Galaxy_{ids[3]}", "images", f"{ids[3]}_{b}.fits"), folder)
+  with open(folder / f"{ids[3]}_r.fits", "rb") as f, gzip.open(folder / f"{ids[3]}_r.fits.gz",
+                                                              "wb") as g:
+    g.write(f.read())
+  os.remove(folder / f"{ids[3]}_r.fits")
+  shutil.copy(os.path.join(raw_dir, "data.csv"), folder)
+  url = ram_copy(folder, "cutouts")
+  jobs, rejected = predict.find_galaxies(url, "grizy")
+  assert [j.specobj_id for j in jobs] == sorted(ids) and not rejected
+  assert {j.folder for j in jobs} == {f"{url}/Galaxy_{i}/images" for i in ids[:3]} | {url}
+  out = str(tmp_path / "out.fits")
+  summary = predict.predict_folder(workdir, url, out, batch_size=BATCH, num_workers=0)
+  rows, _, _, _ = read_table(out)
+  assert sorted(rows) == sorted(ids) and summary["rejected"] == 0
+  assert_same_rows(rows, full[1], ids)
+  for i in ids:
+    np.testing.assert_array_equal([rows[i]["ra"], rows[i]["dec"]],
+                                  [full[1][i]["ra"], full[1][i]["dec"]])
+  assert summary["truth"] == f"{url}/data.csv" and summary["z_num_truth"] == 4

@@ -7,7 +7,9 @@ Nothing here needs the training data: `restore` rebuilds the model from the work
 
 Units: flux in 1e-17 erg/s/cm^2/Angstrom on `astra_jax.grid` (4000 pixels, vacuum observed-frame
 Angstrom); redshift bins tile [0, z_max] uniformly, and each PDF is uniform within a bin.
-Single-process: parameters and images live on this process's local devices.
+Single-process: parameters and images live on this process's local devices. A workdir may be a
+URL (gs://bucket/run) as well as a local folder: its files are read through `etils.epath`, its
+checkpoints by Orbax.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import json
 import os
 from typing import Any, Iterable
 
+from etils import epath
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
@@ -27,6 +30,7 @@ import orbax.checkpoint as ocp
 from astra_jax import checkpoint
 from astra_jax import grid
 from astra_jax import losses
+from astra_jax import paths
 from astra_jax import sharding
 from astra_jax import train
 from astra_jax.models import astra as astra_model
@@ -53,11 +57,10 @@ def z_edges(model: astra_model.Astra) -> np.ndarray:
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
   """The run's `config.json` (as training wrote it) as a ConfigDict."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
+  path = epath.Path(workdir, "config.json")
+  if not path.exists():
     raise FileNotFoundError(f"{workdir}: no config.json; is this a training workdir?")
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
 def local_mesh() -> Mesh:
@@ -83,8 +86,8 @@ def has_run(workdir: str) -> bool:
 
   Nothing is created; Orbax's temporary folders of an unfinished save do not count.
   """
-  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-  if not (os.path.exists(os.path.join(workdir, "config.json")) and os.path.isdir(directory)):
+  directory = paths.join(paths.absolute(workdir), "checkpoints")
+  if not (paths.exists(paths.join(workdir, "config.json")) and paths.is_dir(directory)):
     return False
   manager = checkpoint.read_only_manager(directory)
   try:
@@ -108,7 +111,7 @@ def restore(workdir: str, step: int | None = None, best: bool = False
   model = train.make_model(config)
   mesh = local_mesh()
   subdir = "best" if best else "checkpoints"
-  manager = checkpoint.read_only_manager(os.path.join(os.path.abspath(workdir), subdir), best)
+  manager = checkpoint.read_only_manager(paths.join(paths.absolute(workdir), subdir), best)
   try:
     step = _pick_step(manager, workdir, step, best)
     target = train.abstract_state(config, model, train.make_optimizer(config), mesh)
@@ -278,11 +281,11 @@ def read_metrics(workdir: str) -> dict[str, dict[str, np.ndarray]]:
   validation/test parts are named `spectrum`, `norm`, `redshift`; the train parts carry a `loss_`
   prefix: both are returned as `loss_<part>`.
   """
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
+  path = epath.Path(workdir, "metrics.jsonl")
+  if not path.exists():
     raise FileNotFoundError(f"{workdir}: no metrics.jsonl")
   records: dict[str, dict[int, dict[str, float]]] = {}
-  with open(path) as f:
+  with path.open() as f:
     for line in f:
       if line.strip():
         r = json.loads(line)
@@ -306,12 +309,11 @@ def read_results(workdir: str) -> tuple[str, dict[str, dict[str, float]]]:
   `evaluate.results_markdown(results, split)` gives the table of the README. Raises
   FileNotFoundError when the run has no results.json (it had no test split, or did not finish).
   """
-  path = os.path.join(workdir, "results.json")
-  if not os.path.exists(path):
+  path = epath.Path(workdir, "results.json")
+  if not path.exists():
     raise FileNotFoundError(f"{workdir}: no results.json (written when training ends with a "
                             "test split)")
-  with open(path) as f:
-    stored = json.load(f)
+  stored = json.loads(path.read_text())
   return stored["split"], stored["results"]
 
 

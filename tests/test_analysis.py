@@ -232,3 +232,28 @@ def test_imaged_only_mock_keeps_images_and_truth(tmp_path):
   truth = predict.read_truth(predict.find_truth(out))
   assert sorted(truth) == sorted(n[len("Galaxy_"):] for n in galaxies)
   assert all(0 < z < 1 for z in truth.values())
+
+
+def test_a_run_read_from_a_url(run, ram_copy, tmp_path):
+  # A notebook pointed at a bucket: the run copied to ram:// (read through epath, as gs:// is)
+  # reads as the local workdir does. Orbax lists its steps there too; restoring cannot be tried
+  # (TensorStore knows no ram://).
+  workdir, _, _ = run
+  url = ram_copy(workdir, "run")
+  assert analysis.load_config(url) == analysis.load_config(workdir)
+  assert analysis.read_results(url) == analysis.read_results(workdir)
+  got, want = analysis.read_metrics(url), analysis.read_metrics(workdir)
+  assert got.keys() == want.keys()
+  for split in want:
+    assert got[split].keys() == want[split].keys()
+    for key in want[split]:
+      np.testing.assert_array_equal(got[split][key], want[split][key])
+  assert analysis.has_run(url)
+  # Its JSON files alone: no checkpoint, no run.
+  (tmp_path / "config.json").write_text(open(os.path.join(workdir, "config.json")).read())
+  assert not analysis.has_run(ram_copy(tmp_path, "json_only"))
+  assert not analysis.has_run(f"{url}/missing")
+  with pytest.raises(FileNotFoundError, match="no results.json"):
+    analysis.read_results(f"{url}/missing")
+  with pytest.raises(FileNotFoundError, match="no config.json"):
+    analysis.load_config(f"{url}/missing")

@@ -59,10 +59,6 @@ class Preemption:
   Use as a context manager around the training loop; `reached(step)` after each step.
   """
 
-  #: The exit status of a preempted run, as if killed by SIGTERM (schedulers read it as
-  #: "terminated", not "finished"); its checkpoint is saved and the same command resumes.
-  EXIT_CODE = 128 + signal.SIGTERM
-
   def __init__(self):
     self.collective = _joined or jax.process_count() > 1
     self._signal = None
@@ -86,3 +82,19 @@ class Preemption:
     if self.collective:
       return multihost_utils.reached_preemption_sync_point(step)
     return self._signal is not None
+
+
+class Preempted(SystemExit):
+  """Raised by `train.train_and_evaluate` once every process has saved `step` after a preemption
+  notice; the same command resumes from `step`. Exit status 0: the run stopped as it was told
+  and nothing failed (a scheduler that must restart it requeues on its own signal, e.g. SLURM's
+  --requeue). A SystemExit, so that a script ends quietly; a notebook can catch it.
+  """
+
+  def __init__(self, step: int):
+    super().__init__(0)
+    self.step = step
+
+  def __str__(self) -> str:
+    return (f"Preempted at step {self.step}: checkpoint saved; rerun the same command to "
+            "resume")

@@ -329,8 +329,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   `workdir` may be a local folder or a URL (gs://bucket/run). With several processes, every
   process runs this with the same arguments; it stops on a preemption notice (SIGTERM) to any
-  of them at a step they all agree on, saves that step and raises SystemExit(143)
-  (`distributed.Preemption`); the same command then resumes from it.
+  of them at a step they all agree on, saves that step and raises `distributed.Preempted` (a
+  SystemExit with status 0; no results.json is written); the same command then resumes from it.
   """
   from astra_jax.data import pipeline  # pylint: disable=g-import-not-at-top (TensorFlow)
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
@@ -379,7 +379,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
              disable=jax.process_index() != 0, dynamic_ncols=True)
   bar.postfix_values = {}
   log = _TrainLog(writer, bar, config, start)
-  preempted = False
+  preempted = None  # The step every process saved on a preemption notice.
   with distributed.Preemption() as preemption:
     try:
       for step in range(start, config.num_train_steps):
@@ -402,16 +402,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                           done)
           if latest.latest_step() != done:
             latest.save(done, args=ocp.args.StandardSave(state), force=True)
-          preempted = True
+          preempted = done
           break
       log.flush()
     finally:
       bar.close()
       latest.wait_until_finished()
       best.wait_until_finished()
-  if preempted:
+  if preempted is not None:
     writer.close()
-    raise SystemExit(distributed.Preemption.EXIT_CODE)
+    latest.close()
+    best.close()
+    stop = distributed.Preempted(preempted)
+    logging.warning("%s", stop)
+    raise stop
 
   results = {"scalars": {}, "predictions": {}, "table": ""}
   if "test" in splits:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -77,12 +78,17 @@ def test_kill9_sigterm_and_a_killed_save_resume_bitwise(tiny_dataset, tmp_path):
   killed_at = latest.latest_step()
   assert killed_at in (4, 8)
 
-  # 2. SIGTERM: a checkpoint of the step it stopped at, then exit 128 + 15.
+  # 2. SIGTERM: a checkpoint of the step it stopped at, one line saying so, then exit 0 (it
+  #    stopped as told); no results.json, since training did not finish.
   proc = launch(resumed, tiny_dataset, log)
-  assert interrupt_at(proc, resumed, killed_at + 5, signal.SIGTERM) == 128 + signal.SIGTERM
+  assert interrupt_at(proc, resumed, killed_at + 5, signal.SIGTERM) == 0
   latest = checkpoint.checkpoint_managers(resumed, baseline.get_config("tiny"))[0]
   termed_at = latest.latest_step()
   assert termed_at >= killed_at + 5
+  stopped = re.findall(r"Preempted at step (\d+): checkpoint saved; rerun the same command to "
+                       r"resume", open(tmp_path / "resumed.log").read())
+  assert stopped == [str(termed_at)]
+  assert not os.path.exists(os.path.join(resumed, "results.json"))
 
   # 3. A save killed half-way leaves Orbax's temporary folder: the next run ignores it, says so,
   #    and resumes from the last complete checkpoint.
@@ -97,6 +103,7 @@ def test_kill9_sigterm_and_a_killed_save_resume_bitwise(tiny_dataset, tmp_path):
   output = open(tmp_path / "resumed.log").read()
   assert "Ignoring incomplete checkpoint(s) 23.orbax-checkpoint-tmp-1234" in output
   assert f"resuming from step {termed_at}" in output
+  assert os.path.exists(os.path.join(resumed, "results.json"))
 
   # The interrupted run ends with exactly the parameters of the uninterrupted one.
   expected, got = final_params(reference), final_params(resumed)

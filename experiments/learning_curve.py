@@ -1,7 +1,7 @@
 r"""Learning curve: ASTRA and every baseline against the number of training galaxies.
 
   python -m experiments.learning_curve --workdir=runs/learning_curve \
-      [--sizes=2000,8000,16000] [--epochs=12] [--out_dir=docs] \
+      [--sizes=2000,8000,16000] [--epochs=15] [--out_dir=docs] \
       [--config=experiments/configs/baseline.py:small] [--config.batch_size=32]
 
 For each mock-survey size N in --sizes, in `WORKDIR/nN/`:
@@ -11,7 +11,7 @@ For each mock-survey size N in --sizes, in `WORKDIR/nN/`:
                deleted (16k raw galaxies take ~28 GB).
   3. train     `train.train_and_evaluate(config, WORKDIR/nN)` for `ceil(epochs x train galaxies
                / batch_size)` steps: the same number of epochs at every N (the default run:
-               600 steps x 32 / ~1,600 training galaxies = 12). It scores ASTRA and every
+               750 steps x 32 / ~1,590 training galaxies = 15). It scores ASTRA and every
                baseline (evaluate.compare_with_baselines: mean spectrum, colour kNN, photo
                trees, photo MLP), fitted on that point's training split, on its test split
                (results.json / results.md in the point's folder).
@@ -65,7 +65,7 @@ def define_flags():
   flags.DEFINE_string("workdir", "runs/learning_curve",
                       "One folder per point (nN/) and learning_curve.jsonl.")
   flags.DEFINE_list("sizes", ["2000", "8000", "16000"], "Mock survey sizes N.")
-  flags.DEFINE_float("epochs", 12.0, "Passes over each point's training split.")
+  flags.DEFINE_float("epochs", 15.0, "Passes over each point's training split.")
   flags.DEFINE_string("out_dir", "docs", "Where learning_curve.png and .md go.")
   config_flags.DEFINE_config_file("config", f"{_CONFIG_PATH}:small", "Training configuration.",
                                   lock_config=True)

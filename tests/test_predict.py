@@ -107,8 +107,11 @@ def survey_ids(raw_dir):
   return [r.specobj_id for r in fits_io.read_catalog(os.path.join(raw_dir, "data.csv"))]
 
 
-def assert_same_rows(got, want, ids, atol=1e-5):
+def assert_same_rows(got, want, ids, atol=1e-5, coords=False):
+  """The predictions of `ids` agree within `atol`; with `coords`, ra and dec exactly."""
   for i in ids:
+    if coords:
+      np.testing.assert_array_equal([got[i]["ra"], got[i]["dec"]], [want[i]["ra"], want[i]["dec"]])
     for name in ("flux_pred", "z_pdf", "z_mean", "z_mode", "z_lo", "z_hi"):
       np.testing.assert_allclose(got[i][name], want[i][name], rtol=1e-5, atol=atol,
                                  err_msg=f"{i} {name}")
@@ -229,10 +232,7 @@ def test_flat_folder(workdir, raw_dir, full, tmp_path):
                                    truth=os.path.join(raw_dir, "data.csv"))
   rows, _, _, _ = read_table(out)
   assert sorted(rows) == sorted(ids) and summary["rejected"] == 0
-  assert_same_rows(rows, full[1], ids)
-  for i in ids:
-    np.testing.assert_array_equal([rows[i]["ra"], rows[i]["dec"]],
-                                  [full[1][i]["ra"], full[1][i]["dec"]])
+  assert_same_rows(rows, full[1], ids, coords=True)
   assert summary["z_num_truth"] == 3
 
 
@@ -252,7 +252,10 @@ def test_resize_bin_accepts_multiples_and_rejects_the_rest(workdir, raw_dir, ful
                                    num_workers=0, resize="bin")
   rows, header, _, _ = read_table(str(tmp_path / "bin.fits"))
   assert sorted(rows) == sorted(ids[:2]) and header["RESIZE"] == "bin"
-  assert_same_rows(rows, full[1], ids[:2])
+  # Binning 2 x 2 repeated pixels back rounds in the last float32 bit (3a + a); through the
+  # photometry path to the heads that moves the tiny untrained model's fluxes (up to ~2000) by
+  # up to ~2e-4 absolute, float noise on that scale.
+  assert_same_rows(rows, full[1], ids[:2], atol=1e-3)
   for i in ids[:2]:
     np.testing.assert_allclose([rows[i]["ra"], rows[i]["dec"]],
                                [full[1][i]["ra"], full[1][i]["dec"]], atol=1e-9)
@@ -384,8 +387,5 @@ def test_input_folder_at_a_url(workdir, raw_dir, full, tmp_path, ram_copy):
   summary = predict.predict_folder(workdir, url, out, batch_size=BATCH, num_workers=0)
   rows, _, _, _ = read_table(out)
   assert sorted(rows) == sorted(ids) and summary["rejected"] == 0
-  assert_same_rows(rows, full[1], ids)
-  for i in ids:
-    np.testing.assert_array_equal([rows[i]["ra"], rows[i]["dec"]],
-                                  [full[1][i]["ra"], full[1][i]["dec"]])
+  assert_same_rows(rows, full[1], ids, coords=True)
   assert summary["truth"] == f"{url}/data.csv" and summary["z_num_truth"] == 4

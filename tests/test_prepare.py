@@ -292,14 +292,10 @@ def test_missing_catalog_is_a_clear_error(tmp_path):
     prepare.prepare(str(tmp_path), str(tmp_path / "out"), image_size=32)
 
 
-def test_workers_give_the_same_dataset(survey, tmp_path):
-  result = prepare.prepare(survey["raw"], str(tmp_path), image_size=32, num_workers=2)
-  for name in ("manifest.jsonl", "rejected.jsonl"):
-    with open(os.path.join(result["dataset_dir"], name)) as f:
-      with open(os.path.join(survey["result"]["dataset_dir"], name)) as g:
-        assert f.read() == g.read(), name
-  builder = tfds.builder_from_directory(result["dataset_dir"])
-  reference = tfds.builder_from_directory(survey["result"]["dataset_dir"])
+def assert_same_examples(dataset_dir, reference_dir):
+  """Both prepared datasets hold the same splits and, split by split, equal examples in order."""
+  builder = tfds.builder_from_directory(dataset_dir)
+  reference = tfds.builder_from_directory(reference_dir)
   assert set(builder.info.splits) == set(reference.info.splits)
   for split in builder.info.splits:
     ours = builder.as_dataset(split=split, shuffle_files=False)
@@ -307,6 +303,15 @@ def test_workers_give_the_same_dataset(survey, tmp_path):
     for a, b in zip(tfds.as_numpy(ours), tfds.as_numpy(theirs), strict=True):
       for key in a:
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_workers_give_the_same_dataset(survey, tmp_path):
+  result = prepare.prepare(survey["raw"], str(tmp_path), image_size=32, num_workers=2)
+  for name in ("manifest.jsonl", "rejected.jsonl"):
+    with open(os.path.join(result["dataset_dir"], name)) as f:
+      with open(os.path.join(survey["result"]["dataset_dir"], name)) as g:
+        assert f.read() == g.read(), name
+  assert_same_examples(result["dataset_dir"], survey["result"]["dataset_dir"])
 
 
 def test_raw_dir_on_a_non_local_filesystem(survey, ram_copy, tmp_path):
@@ -322,15 +327,7 @@ def test_raw_dir_on_a_non_local_filesystem(survey, ram_copy, tmp_path):
   rejected = read(result["dataset_dir"], "rejected.jsonl")
   assert rejected.count(url) == read(local, "rejected.jsonl").count(survey["raw"]) > 10
   assert rejected.replace(url, survey["raw"]) == read(local, "rejected.jsonl")
-  builder = tfds.builder_from_directory(result["dataset_dir"])
-  reference = tfds.builder_from_directory(local)
-  assert set(builder.info.splits) == set(reference.info.splits)
-  for split in builder.info.splits:
-    ours = builder.as_dataset(split=split, shuffle_files=False)
-    theirs = reference.as_dataset(split=split, shuffle_files=False)
-    for a, b in zip(tfds.as_numpy(ours), tfds.as_numpy(theirs), strict=True):
-      for key in a:
-        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+  assert_same_examples(result["dataset_dir"], local)
 
 
 def test_reader_processes_do_not_import_tensorflow(survey):

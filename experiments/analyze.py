@@ -46,10 +46,11 @@ def analyze(workdir: str, *, split: str = "test", num: int = 16, out_dir: str | 
                                               model, header)}
   paths["spectra"] = plots.spectra(
       os.path.join(out_dir, "spectra.png"), analysis.wavelength(), pred["flux_true"],
-      pred["weight"], pred["flux"], pred["z_true"], pred["z_mean"], pred["specobj_id"], num=num)
+      pred["weight"], pred["flux"], pred["z_true"], pred["z_median"], pred["specobj_id"], num=num)
+  # The PDF median: the point estimate every results table scores (evaluate's module docstring).
   paths["redshift"] = plots.redshift(
-      os.path.join(out_dir, "redshift.png"), pred["z_true"], pred["z_mean"], model.z_max,
-      pred["z_lo"], pred["z_hi"])
+      os.path.join(out_dir, "redshift.png"), pred["z_true"], pred["z_median"], model.z_max,
+      pred["z_lo"], pred["z_hi"], label="z_median")
   paths["loss"] = plots.loss_curves(os.path.join(out_dir, "loss.png"),
                                     analysis.read_metrics(workdir))
   paths["attention"] = plots.attention(

@@ -29,19 +29,10 @@ from astra_jax.data import fits_io
 from astra_jax.data import pipeline
 from experiments.configs import baseline
 
+from conftest import host_params  # pylint: disable=g-bad-import-order (tests/ is on sys.path)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BATCH = 8  # Two galaxies per fake device; every call below compiles the same shape.
-
-
-def host_params(abstract, seed):
-  """Parameters in the model's shapes drawn on the host: no init compilation (as test_analysis)."""
-  rng = np.random.default_rng(seed)
-  def draw(path, leaf):
-    if "scale" in jax.tree_util.keystr(path):
-      return np.ones(leaf.shape, leaf.dtype)
-    std = 1 / np.sqrt(np.prod(leaf.shape[:-1])) if len(leaf.shape) >= 2 else 0.02
-    return (std * rng.normal(size=leaf.shape)).astype(leaf.dtype)
-  return jax.tree_util.tree_map_with_path(draw, abstract)
 
 
 @pytest.fixture(scope="module")

@@ -35,12 +35,15 @@ _KEYS = ("flux", "weight", "aperture_flux", "z", "has_z", "specobj_id")
 _OPTIONAL_KEYS = (photometry.KEY,)
 
 
-def load_split(dataset_dir: str, split: str) -> dict[str, np.ndarray]:
-  """Every example of `split` except its images, as numpy arrays stacked along axis 0."""
+def load_split(dataset_dir: str, split: str, keys: Sequence[str] | None = None
+               ) -> dict[str, np.ndarray]:
+  """Every example of `split` except its images, as numpy arrays stacked along axis 0: `keys`,
+  or all the baselines read (those of _OPTIONAL_KEYS the dataset has)."""
   from astra_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   builder = pipeline.load_builder(dataset_dir)
-  keys = _KEYS + tuple(k for k in _OPTIONAL_KEYS if k in builder.info.features.keys())
+  if keys is None:
+    keys = _KEYS + tuple(k for k in _OPTIONAL_KEYS if k in builder.info.features.keys())
   ds = builder.as_dataset(split=split, shuffle_files=False,
                           decoders={"image": tfds.decode.SkipDecoding()})
   ds = ds.map(lambda ex: {k: ex[k] for k in keys}).batch(256)
@@ -171,8 +174,7 @@ class _Standardiser:
   """Feature-wise (x - mean) / std with the training split's statistics; NaN -> 0 (the mean)."""
 
   def __init__(self, x: np.ndarray):
-    self.mean = np.nanmean(x, axis=0)
-    self.std = np.nanstd(x, axis=0) + 1e-6
+    self.mean, self.std = photometry.feature_statistics(x)
 
   def __call__(self, x: np.ndarray) -> np.ndarray:
     return np.nan_to_num((x - self.mean) / self.std).astype(np.float32)

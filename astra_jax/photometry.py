@@ -64,9 +64,10 @@ def band_nmgy_weights(band: str = "r") -> np.ndarray:
   return maggies * 1e9
 
 
-def magnitudes(flux: np.ndarray) -> np.ndarray:
-  """AB magnitudes 22.5 - 2.5 log10(max(f, FLUX_FLOOR_NMGY)) of nanomaggies; NaN stays NaN."""
-  return 22.5 - 2.5 * np.log10(np.maximum(flux, FLUX_FLOOR_NMGY))
+def magnitudes(flux: np.ndarray, xp=np) -> np.ndarray:
+  """AB magnitudes 22.5 - 2.5 log10(max(f, FLUX_FLOOR_NMGY)) of nanomaggies; NaN stays NaN.
+  `xp`: the array module (numpy, or jax.numpy inside a model)."""
+  return 22.5 - 2.5 * xp.log10(xp.maximum(flux, FLUX_FLOOR_NMGY))
 
 
 def feature_names(bands: str = "grizy") -> list[str]:
@@ -77,8 +78,11 @@ def feature_names(bands: str = "grizy") -> list[str]:
   return names
 
 
-def features(fluxes: np.ndarray) -> np.ndarray:
+def features(fluxes: np.ndarray, xp=np) -> np.ndarray:
   """(N, 5, 5) `aperture_fluxes` (grizy x DIAMETERS_ARCSEC, nanomaggies) -> (N, 23) float32.
+
+  The photometric baselines' inputs and ASTRA's photometry embedding's (`xp`: numpy, computed in
+  float64; jax.numpy, in float32 inside the model, where NaN fluxes count as 0, i.e. floored).
 
   Columns (all AB magnitudes or magnitude differences, see `feature_names`; fluxes below
   FLUX_FLOOR_NMGY are floored first, see `magnitudes`):
@@ -89,15 +93,29 @@ def features(fluxes: np.ndarray) -> np.ndarray:
     19-22: the r-band curve of growth, mag(d_i) - mag(d_i+1) for adjacent diameters
       (= 2.5 log10 of the flux ratio, a size measure; mag).
   """
-  fluxes = np.asarray(fluxes, np.float64)
+  if xp is np:
+    fluxes = np.asarray(fluxes, np.float64)
+  else:
+    fluxes = xp.nan_to_num(xp.asarray(fluxes, xp.float32))
   if fluxes.ndim != 3 or fluxes.shape[1:] != (5, len(DIAMETERS_ARCSEC)):
     raise ValueError(f"fluxes must be (N, 5, {len(DIAMETERS_ARCSEC)}) grizy x "
                      f"{DIAMETERS_ARCSEC} arcsec, got {fluxes.shape}")
-  mag = magnitudes(fluxes)                                    # (N, bands, apertures)
+  mag = magnitudes(fluxes, xp)                                # (N, bands, apertures)
   column = {d: i for i, d in enumerate(DIAMETERS_ARCSEC)}
   colours = [mag[:, :-1, column[d]] - mag[:, 1:, column[d]] for d in COLOUR_DIAMETERS_ARCSEC]
   r = mag[:, R_BAND]                                          # (N, apertures)
   parts = colours + [r[:, [column[10.0], column[20.0]]],
                      r[:, [column[3.0]]] - r[:, [column[10.0]]],
                      r[:, :-1] - r[:, 1:]]
-  return np.concatenate(parts, axis=1).astype(np.float32)
+  return xp.concatenate(parts, axis=1).astype(xp.float32)
+
+
+#: Number of `features` columns.
+NUM_FEATURES = 23
+
+
+def feature_statistics(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """(mean, std) (F,) of features x (N, F) over galaxies, in x's dtype, NaN ignored, std + 1e-6
+  (mag): the standardisation of the photometric baselines and of ASTRA's photometry embedding,
+  measured on a training split."""
+  return np.nanmean(x, axis=0), np.nanstd(x, axis=0) + 1e-6

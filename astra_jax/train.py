@@ -19,9 +19,11 @@ from etils import epath
 import flax.struct
 import jax
 from jax import lax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 import ml_collections
+import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
@@ -52,6 +54,31 @@ class TrainState:
 def make_model(config: ml_collections.ConfigDict) -> astra_model.Astra:
   """The Flax module described by `config.model` with compute dtype `config.dtype`."""
   return astra_model.Astra.from_config(config.model, dtype=jnp.dtype(config.dtype))
+
+
+def measure_photometry_statistics(config: ml_collections.ConfigDict, dataset_dir: str) -> None:
+  """Sets `config.model.photometry_mean` and `photometry_scale` (23 floats each, mag) to
+  `photometry.feature_statistics` of the training split's aperture fluxes, where the model embeds
+  photometry and they are empty (a config that names them keeps its own).
+
+  Deterministic for a dataset, so a resumed run measures what it was trained with; process 0
+  reads the split and every process gets its figures.
+  """
+  from astra_jax import baselines  # pylint: disable=g-import-not-at-top (TensorFlow)
+  from astra_jax import photometry  # pylint: disable=g-import-not-at-top
+  model = config.model
+  if not (model.get("photometry_token") or model.get("photometry_to_heads")):
+    return
+  if len(model.get("photometry_mean", ())) or len(model.get("photometry_scale", ())):
+    return
+  stats = np.zeros((2, photometry.NUM_FEATURES), np.float32)
+  if jax.process_index() == 0:
+    fluxes = baselines.load_split(dataset_dir, "train", keys=(photometry.KEY,))[photometry.KEY]
+    stats = np.stack(photometry.feature_statistics(photometry.features(fluxes)))
+  stats = np.asarray(multihost_utils.broadcast_one_to_all(stats), np.float64)
+  with config.unlocked():
+    model.photometry_mean = tuple(round(float(v), 6) for v in stats[0])
+    model.photometry_scale = tuple(round(float(v), 6) for v in stats[1])
 
 
 def make_schedule(config) -> optax.Schedule:
@@ -342,6 +369,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   datasets.check_dataset(config, dataset_dir)
   with config.unlocked():
     config.data_dir = dataset_dir
+  measure_photometry_statistics(config, dataset_dir)
 
   mesh = create_mesh()
   model, tx = make_model(config), make_optimizer(config)

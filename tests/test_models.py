@@ -14,6 +14,7 @@ from flax import traverse_util
 
 from astra_jax import grid
 from astra_jax import losses
+from astra_jax import photometry
 from astra_jax.models import astra as astra_lib
 from astra_jax.models import (Astra, MultiHeadAttention, PatchCNN, TransformerBlock,
                               TransformerEncoder, patch_grid, sincos_2d, z_bin_centers, z_pdf_stats)
@@ -347,7 +348,7 @@ def test_photometry_token_shapes_and_needs_fluxes():
   model = Astra(**TINY, photometry_token=True, amplitude="aperture_spectrum")
   images, fluxes = _images(), _aperture_fluxes()
   params = _init(model, images, fluxes, train=False)
-  assert params["photometry"]["hidden"]["kernel"].shape == (BANDS * 5 + 1, TINY["dim"])
+  assert params["photometry"]["hidden"]["kernel"].shape == (photometry.NUM_FEATURES, TINY["dim"])
   out, state = _apply(model, train=False, return_attention=True, mutable=["intermediates"])(
       params, images, fluxes)
   assert out["spectrum"].shape == (2, 4000) and out["log_norm"].shape == (2,)
@@ -427,10 +428,29 @@ def test_aperture_spectrum_amplitude_gives_the_spectrum_the_aperture_r_flux():
     Astra(**TINY, amplitude="flat")
 
 
-def test_asinh_magnitudes():
-  mag = astra_lib.asinh_magnitudes(jnp.array([100.0, 1.0, 0.0, -1.0, np.nan]))
-  np.testing.assert_allclose(mag[:2], [17.5, 22.5], atol=1e-3)  # 22.5 - 2.5 log10 f when bright.
-  assert bool(jnp.all(jnp.isfinite(mag))) and float(mag[3]) > float(mag[2]) > float(mag[1])
+def test_photometry_embed_reads_the_baselines_standardised_features():
+  fluxes = np.array(_aperture_fluxes(batch=3, seed=4))
+  fluxes[2, 4, 4] = np.nan                                 # NaN counts as a floored flux.
+  expected = photometry.features(np.nan_to_num(fluxes))
+  np.testing.assert_allclose(photometry.features(jnp.asarray(fluxes), xp=jnp), expected,
+                             atol=1e-4)
+  # Standardised by (mean, scale): galaxy 0's features at the mean enter as zeros, so its
+  # embedding is out(gelu(hidden's bias)); the others' are not.
+  mean, scale = tuple(expected[0].tolist()), tuple((0.5 + np.arange(23) / 23).tolist())
+  embed = astra_lib.PhotometryEmbed(8, mean, scale)
+  params = embed.init(jax.random.PRNGKey(0), jnp.asarray(fluxes))["params"]
+  params = jax.tree.map(lambda p: p + 0.1, params)         # Non-zero biases.
+  out = embed.apply({"params": params}, jnp.asarray(fluxes))
+  h = jax.nn.gelu(params["hidden"]["bias"], approximate=False)
+  at_mean = h @ params["out"]["kernel"] + params["out"]["bias"]
+  np.testing.assert_allclose(out[0], at_mean, rtol=1e-5, atol=1e-6)
+  x = (expected[1] - np.array(mean)) / np.array(scale)
+  h = jax.nn.gelu(x @ params["hidden"]["kernel"] + params["hidden"]["bias"], approximate=False)
+  np.testing.assert_allclose(out[1], h @ params["out"]["kernel"] + params["out"]["bias"],
+                             rtol=1e-4, atol=1e-4)
+  with pytest.raises(ValueError, match="23 values each"):
+    astra_lib.PhotometryEmbed(8, mean[:5], scale[:5]).init(jax.random.PRNGKey(0),
+                                                           jnp.asarray(fluxes))
 
 
 def test_pdf_median_matches_the_baselines_rule():

@@ -14,9 +14,11 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
+from astra_jax import baselines
 from astra_jax import checkpoint
 from astra_jax import grid
 from astra_jax import losses
+from astra_jax import photometry
 from astra_jax import sharding
 from astra_jax import train
 from experiments.configs import baseline
@@ -321,6 +323,13 @@ def test_train_and_evaluate_end_to_end_and_resume(tmp_path):
   assert compared["ASTRA"] == pytest.approx(scalars, nan_ok=True)
   saved = json.load(open(os.path.join(workdir, "config.json")))
   assert saved["model"]["dim"] == config.model.dim and saved["data_dir"]
+  # The photometry embedding's standardisation: the training split's feature statistics,
+  # kept in config.json for restoring and predicting.
+  fluxes = baselines.load_split(saved["data_dir"], "train")[photometry.KEY]
+  mean, std = photometry.feature_statistics(photometry.features(fluxes))
+  np.testing.assert_allclose(saved["model"]["photometry_mean"], mean, atol=2e-6)
+  np.testing.assert_allclose(saved["model"]["photometry_scale"], std, atol=2e-6)
+  assert len(mean) == photometry.NUM_FEATURES and np.all(std > 1e-3)
   lines = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
   assert [l["step"] for l in lines if l["split"] == "train"] == [1, 2, 3, 4]
   assert {l["split"] for l in lines} == {"train", "validation", "test"}

@@ -35,9 +35,6 @@ from astra_jax.models.transformer import TransformerEncoder
 PATCH_EMBEDDINGS = ("conv2d", "conv1d", "linear")
 DEFAULT_NUM_Z_BINS = 180
 DEFAULT_Z_MAX = 0.6
-#: Softening of the photometry token's asinh magnitudes (Lupton et al. 1999), in nanomaggies
-#: (~27.5 mag, as the colour kNN's): faint and negative aperture fluxes stay finite.
-PHOTOMETRY_SOFTENING_NMGY = 0.01
 #: (band, aperture) of `aperture_fluxes` that anchors the amplitude: r in the 3 arcsec aperture,
 #: the SDSS fiber's diameter.
 REFERENCE_APERTURE = (photometry.R_BAND, photometry.DIAMETERS_ARCSEC.index(3.0))
@@ -117,13 +114,6 @@ class PatchCNN(nn.Module):
     return nn.Dense(self.dim, dtype=self.dtype, param_dtype=self.param_dtype, name="proj")(x)
 
 
-def asinh_magnitudes(flux: jax.Array, softening: float = PHOTOMETRY_SOFTENING_NMGY) -> jax.Array:
-  """AB asinh magnitudes (Lupton et al. 1999) of fluxes in nanomaggies, any shape, float32;
-  22.5 - 2.5 log10(f) for f >> softening, finite for f <= 0; NaN counts as 0."""
-  flux = jnp.nan_to_num(flux.astype(jnp.float32))
-  return 22.5 - 2.5 / np.log(10.0) * (jnp.arcsinh(flux / (2 * softening)) + np.log(softening))
-
-
 def aperture_log_norm(aperture_fluxes: jax.Array) -> jax.Array:
   """(B,) float32 log10 of the spectrum normalisation that the r-band 3 arcsec aperture flux
   implies for a flat f_nu: log10(NMGY_TO_FLAM_R x max(f_r, photometry.FLUX_FLOOR_NMGY)).
@@ -155,24 +145,32 @@ def spectrum_log_norm(aperture_fluxes: jax.Array, spectrum: jax.Array) -> jax.Ar
 
 
 class PhotometryEmbed(nn.Module):
-  """Aperture fluxes (B, bands, apertures) nanomaggies -> one token (B, dim).
+  """Aperture fluxes (B, 5, 5) nanomaggies (grizy x `photometry.DIAMETERS_ARCSEC`) -> (B, dim).
 
-  Features (bands * apertures + 1): every asinh magnitude minus the r-band 3 arcsec one (colours
-  and curves of growth, mag), and that magnitude itself as (m - 20) / 2, so all are of order 1;
-  then Dense(dim) -> GELU -> Dense(dim). Catalogue photometry as one more input token (images
-  and photometry together beat either alone: GaZNet, Li et al. 2022).
+  Features: the photometric baselines' `photometry.features` (B, 23: colours in four apertures,
+  large-aperture r magnitudes, concentration, curve of growth; mag), standardised as
+  (x - `mean`) / `scale` with the training split's statistics (`photometry.feature_statistics`,
+  which training stores in the model config; empty: no standardisation); then
+  Dense(dim) -> GELU -> Dense(dim). Without standardisation the colours' 0.1-mag spread sits on
+  offsets of ~1 mag and an MLP with ASTRA's budget reached redshift sigma_MAD ~0.022; with it,
+  ~0.012 (docs/science.md, lever (i)). Catalogue photometry as one more input token (images and
+  photometry together beat either alone: GaZNet, Li et al. 2022).
   """
   dim: int
+  mean: Sequence[float] = ()
+  scale: Sequence[float] = ()
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, aperture_fluxes: jax.Array) -> jax.Array:
-    mag = asinh_magnitudes(aperture_fluxes)
-    band, aperture = REFERENCE_APERTURE
-    reference = mag[:, band, aperture]
-    x = jnp.concatenate([(mag - reference[:, None, None]).reshape(mag.shape[0], -1),
-                         ((reference - 20.0) / 2.0)[:, None]], axis=1)
+    x = photometry.features(aperture_fluxes, xp=jnp)
+    if len(self.mean) or len(self.scale):
+      if not len(self.mean) == len(self.scale) == x.shape[-1]:
+        raise ValueError(f"photometry mean and scale need {x.shape[-1]} values each (one per "
+                         f"photometry.features column), got {len(self.mean)} and "
+                         f"{len(self.scale)}")
+      x = (x - jnp.asarray(self.mean, jnp.float32)) / jnp.asarray(self.scale, jnp.float32)
     dense = lambda name: nn.Dense(self.dim, dtype=self.dtype, param_dtype=self.param_dtype,
                                   name=name)
     return dense("out")(nn.gelu(dense("hidden")(x), approximate=False))
@@ -279,7 +277,9 @@ class Astra(nn.Module):
   `photometry_token`: `PhotometryEmbed(aperture_fluxes)` joins the patch tokens as one more token;
   `photometry_to_heads`: that embedding (one module for both) is concatenated to the summary token
   the heads read (B, 2 dim). Either, and either aperture amplitude, need `aperture_fluxes`
-  (`uses_photometry`).
+  (`uses_photometry`). `photometry_mean`, `photometry_scale` (23 each, mag) standardise the
+  embedding's features (`PhotometryEmbed`); `train.train_and_evaluate` measures them on the
+  training split and stores them in the run's config.json.
   """
   patch_size: int = 16
   dim: int = 1280
@@ -295,6 +295,8 @@ class Astra(nn.Module):
   cnn_features: Sequence[int] = (32, 64)
   photometry_token: bool = False
   photometry_to_heads: bool = False
+  photometry_mean: Sequence[float] = ()
+  photometry_scale: Sequence[float] = ()
   amplitude: str = "head"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -328,8 +330,9 @@ class Astra(nn.Module):
     for key in ("dtype", "param_dtype"):
       if key in kwargs:
         kwargs[key] = canonical_dtype(kwargs[key])
-    if "cnn_features" in kwargs:
-      kwargs["cnn_features"] = tuple(kwargs["cnn_features"])
+    for key in ("cnn_features", "photometry_mean", "photometry_scale"):
+      if key in kwargs:
+        kwargs[key] = tuple(kwargs[key])
     return cls(**kwargs)
 
   def z_centers(self) -> np.ndarray:
@@ -347,8 +350,9 @@ class Astra(nn.Module):
                       dtype=self.dtype, param_dtype=self.param_dtype, name="embed")(images)
     extra = photometry = None
     if self.photometry_token or self.photometry_to_heads:
-      photometry = PhotometryEmbed(self.dim, dtype=self.dtype, param_dtype=self.param_dtype,
-                                   name="photometry")(aperture_fluxes)
+      photometry = PhotometryEmbed(self.dim, tuple(self.photometry_mean),
+                                   tuple(self.photometry_scale), dtype=self.dtype,
+                                   param_dtype=self.param_dtype, name="photometry")(aperture_fluxes)
     if self.photometry_token:
       extra = photometry[:, None]
     # The heads read the summary token only: unless every block's attention weights are being

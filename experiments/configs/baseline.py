@@ -96,6 +96,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # ... and that embedding also goes straight to the heads beside the summary token: at 750
   # steps spectrum R^2 0.621 -> 0.738, sigma_MAD 0.0218 -> 0.0230 (docs/science.md, lever (h)).
   c.model.photometry_to_heads = True
+  # The embedding reads photometry.features (the photometric baselines' 23 colours, magnitudes
+  # and sizes) standardised by their training-split mean and std; () -> training measures them
+  # and config.json keeps them (train.measure_photometry_statistics, docs/science.md lever (i)).
+  c.model.photometry_mean = ()
+  c.model.photometry_scale = ()
   # ... and the amplitude: log_norm predicted as a correction to the normalisation at which the
   # predicted spectrum has the r-band 3 arcsec aperture flux (astra.AMPLITUDES,
   # astra.spectrum_log_norm). docs/science.md has the ablation.

@@ -117,6 +117,7 @@ def write_tiny_run(dataset_dir, workdir):
   config = baseline.get_config("tiny")
   config.data_dir = dataset_dir
   train.validate_config(config)
+  train.measure_photometry_statistics(config, dataset_dir)  # As training does.
   train.write_config(config, workdir)
   mesh = sharding.create_mesh()
   model, tx = train.make_model(config), train.make_optimizer(config)

@@ -41,6 +41,7 @@ def workdir(tiny_dataset, tmp_path_factory):
   config = baseline.get_config("tiny")
   config.data_dir = tiny_dataset
   workdir = str(tmp_path_factory.mktemp("predict_run"))
+  train.measure_photometry_statistics(config, tiny_dataset)  # As training does.
   train.write_config(config, workdir)
   model, tx = train.make_model(config), train.make_optimizer(config)
   abstract = train.abstract_state(config, model, tx, sharding.create_mesh())

@@ -212,6 +212,48 @@ def make_train_step(config, model, tx, mesh: Mesh):
   return jax.jit(step, donate_argnums=(0,))
 
 
+#: Parameter subtrees that every loss part trains: the patch CNN, the photometry embedding and the
+#: encoder (the heads, `decoder` and `redshift`, serve some parts only).
+SHARED_PARAMS = ("embed", "photometry", "encoder")
+
+
+def make_loss_grad_norms(config, model, mesh: Mesh):
+  """Returns `loss_grad_norms(params, batch) -> {"grad_norm_" + part: norm}`, jitted.
+
+  For each part of the loss (spectrum, norm_loss_weight x norm, z_loss_weight x redshift: the
+  terms as the training loss weighs them), the global L2 norm of its gradient with respect to
+  the SHARED_PARAMS, on the global `batch` (sharded along 'data' as the train step's), without
+  dropout or augmentation. It shows which part drives the shared layers; training logs it every
+  `log_every_steps` when `config.log_loss_grad_norms` (one forward and three backward passes).
+  """
+  z_centers = model.z_centers()
+  weights = dict(spectrum=1.0, norm=float(config.norm_loss_weight),
+                 redshift=float(config.z_loss_weight))
+  names = tuple(weights)
+
+  def per_device(params, batch):
+    shared = {k: v for k, v in params.items() if k in SHARED_PARAMS}
+    num_devices = lax.psum(1, DATA_AXIS)
+
+    def parts(shared):
+      outputs = model.apply({"params": {**params, **shared}}, batch["image"],
+                            batch["aperture_fluxes"], train=False)
+      terms = losses.loss_terms(outputs, batch, z_centers=z_centers, z_sigma=z_label_sigma(config),
+                                norm_loss=norm_loss(config))
+      # This device's share of each global part mean, as in `losses.total_loss`.
+      return jnp.stack([weights[k] * terms[k][0] * num_devices
+                        / jnp.maximum(lax.psum(lax.stop_gradient(terms[k][1]), DATA_AXIS), 1.0)
+                        for k in names])
+
+    jacobian = lax.pmean(jax.jacrev(parts)(shared), DATA_AXIS)   # Leaves (3, *param shape).
+    squares = sum(jnp.sum(jnp.square(g.astype(jnp.float32)).reshape(len(names), -1), axis=1)
+                  for g in jax.tree.leaves(jacobian))
+    return {f"grad_norm_{k}": jnp.sqrt(squares[i]) for i, k in enumerate(names)}
+
+  return jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(DATA_AXIS)),
+                               out_specs=P(), check_vma=False))
+
+
 def make_eval_step(config, model, mesh: Mesh):
   """Returns `eval_step(params, batch) -> (sums, outputs)`.
 
@@ -382,6 +424,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   start = int(jax.device_get(state.step))
   train_step = make_train_step(config, model, tx, mesh)
   eval_step = make_eval_step(config, model, mesh)
+  loss_grad_norms = (make_loss_grad_norms(config, model, mesh)
+                     if config.get("log_loss_grad_norms", False) else None)
   # Made by a jitted function so that it is replicated over every host's devices.
   rng = jax.jit(lambda: jax.random.key(config.seed, impl=config.rng_impl),
                 out_shardings=replicated(mesh))()
@@ -411,8 +455,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   with distributed.Preemption() as preemption:
     try:
       for step in range(start, config.num_train_steps):
-        state, metrics = train_step(state, next(train_batches), rng)
+        batch = next(train_batches)
         done = step + 1
+        # Before the step: it donates the parameters.
+        grad_norms = (loss_grad_norms(state.params, batch) if loss_grad_norms is not None
+                      and done % config.log_every_steps == 0 else {})
+        state, metrics = train_step(state, batch, rng)
+        metrics = {**metrics, **grad_norms}
         bar.update(1)
         # The metrics stay on the device until a log step reads them all at once.
         log.add(done, metrics)

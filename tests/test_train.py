@@ -94,6 +94,36 @@ def test_four_devices_equal_one_device():
   assert max(jax.tree.leaves(moved)) > 1e-4
 
 
+def test_loss_grad_norms_are_each_parts_gradient_on_the_shared_layers():
+  config = tiny_config(norm_loss_weight=0.0, z_loss_weight=2.0)
+  model = train.make_model(config)
+  batch = fake_batch(config)
+  params = jax.device_get(train.init_state(config, model, train.make_optimizer(config),
+                                           sharding.create_mesh(jax.devices()[:1])).params)
+  z_centers = model.z_centers()
+
+  def part(shared, name):  # The part as training weighs it, on the whole batch, one device.
+    outputs = model.apply({"params": {**params, **shared}}, batch["image"],
+                          batch["aperture_fluxes"], train=False)
+    _, parts = losses.combine_terms(
+        losses.loss_terms(outputs, batch, z_centers=z_centers, z_sigma=config.z_label_sigma,
+                          norm_loss=config.norm_loss), z_weight=2.0, norm_weight=0.0)
+    return {"spectrum": 1.0, "redshift": 2.0}[name] * parts[name]
+
+  shared = {k: params[k] for k in train.SHARED_PARAMS if k in params}
+  assert set(shared) == {"embed", "photometry", "encoder"}
+  want = {name: float(optax.tree.norm(jax.grad(part)(shared, name)))
+          for name in ("spectrum", "redshift")}
+  for devices in (jax.devices()[:1], jax.devices()):
+    mesh = sharding.create_mesh(devices)
+    got = jax.device_get(train.make_loss_grad_norms(config, model, mesh)(
+        params, sharding.to_global(batch, mesh)))
+    assert got["grad_norm_norm"] == 0.0          # Weight 0: no gradient.
+    for name, value in want.items():
+      assert value > 1e-3
+      np.testing.assert_allclose(got[f"grad_norm_{name}"], value, rtol=1e-4, err_msg=name)
+
+
 def test_step_compiles_once_and_loss_falls():
   config = tiny_config(learning_rate=3e-3, warmup_steps=1, num_train_steps=30)
   batch = fake_batch(config)
@@ -310,6 +340,7 @@ def test_damaged_checkpoint_is_refused_naming_the_step_to_resume_from(tmp_path):
 def test_train_and_evaluate_end_to_end_and_resume(tmp_path):
   config = baseline.get_config("tiny")
   config.mock_cache_dir = str(tmp_path / "cache")
+  config.log_loss_grad_norms = True
   workdir = str(tmp_path / "run")
   results = train.train_and_evaluate(config, workdir)
   scalars = results["scalars"]
@@ -332,6 +363,8 @@ def test_train_and_evaluate_end_to_end_and_resume(tmp_path):
   assert len(mean) == photometry.NUM_FEATURES and np.all(std > 1e-3)
   lines = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
   assert [l["step"] for l in lines if l["split"] == "train"] == [1, 2, 3, 4]
+  assert all(l["grad_norm_spectrum"] > 0 and l["grad_norm_redshift"] > 0
+             for l in lines if l["split"] == "train")
   assert {l["split"] for l in lines} == {"train", "validation", "test"}
   assert os.listdir(os.path.join(workdir, "tensorboard"))
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]

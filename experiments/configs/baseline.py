@@ -72,6 +72,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # Bookkeeping.
   c.log_every_steps = 25
+  # Also log each loss part's gradient norm on the shared layers (train.make_loss_grad_norms) at
+  # log steps: one forward and three backward passes more each time.
+  c.log_loss_grad_norms = False
   c.eval_every_steps = 200
   c.checkpoint_every_steps = 200
   c.max_to_keep = 2

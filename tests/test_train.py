@@ -31,6 +31,12 @@ def tiny_config(**overrides):
   config.model.dropout = 0.0  # Dropout masks are drawn per device; 1 vs N devices must match.
   for k, v in overrides.items():
     config[k] = v
+  # The photometry standardisation a training run measures, here on fake_batch's fluxes (the
+  # raw features include ~20 mag magnitudes, which scale the float32 noise of the 1-vs-N
+  # comparisons up).
+  fluxes = fake_batch(config)["aperture_fluxes"]
+  mean, std = photometry.feature_statistics(photometry.features(fluxes))
+  config.model.photometry_mean, config.model.photometry_scale = tuple(mean), tuple(std)
   return config
 
 

@@ -110,8 +110,8 @@ def features(fluxes: np.ndarray, xp=np) -> np.ndarray:
   return xp.concatenate(parts, axis=1).astype(xp.float32)
 
 
-#: Number of `features` columns.
-NUM_FEATURES = 23
+#: Number of `features` columns (23).
+NUM_FEATURES = len(feature_names())
 
 
 def feature_statistics(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

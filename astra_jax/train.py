@@ -33,6 +33,7 @@ from astra_jax import distributed
 from astra_jax import evaluate
 from astra_jax import losses
 from astra_jax import paths
+from astra_jax import photometry
 from astra_jax import sharding
 from astra_jax.data import MODEL_KEYS
 from astra_jax.data import datasets
@@ -65,7 +66,6 @@ def measure_photometry_statistics(config: ml_collections.ConfigDict, dataset_dir
   reads the split and every process gets its figures.
   """
   from astra_jax import baselines  # pylint: disable=g-import-not-at-top (TensorFlow)
-  from astra_jax import photometry  # pylint: disable=g-import-not-at-top
   model = config.model
   if not (model.get("photometry_token") or model.get("photometry_to_heads")):
     return
@@ -114,7 +114,6 @@ def image_shape(config) -> tuple[int, int, int]:
 
 def aperture_fluxes_shape(config) -> tuple[int, int]:
   """(bands, apertures) of the model's `aperture_fluxes` input (`photometry.aperture_fluxes`)."""
-  from astra_jax import photometry  # pylint: disable=g-import-not-at-top
   return (len(config.bands.split(",")), len(photometry.DIAMETERS_ARCSEC))
 
 

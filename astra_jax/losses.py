@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from astra_jax.models.astra import DEFAULT_Z_MAX, z_bin_centers
+from astra_jax.models.astra import DEFAULT_Z_MAX, amplitude_bin_centers, z_bin_centers
 
 #: Floor of the per-galaxy normalisation, in 1e-17 erg/s/cm^2/Angstrom: keeps log10(norm) finite
 #: and the division safe for noise-dominated galaxies whose mean flux is ~0 or negative.
@@ -41,8 +41,10 @@ NORM_FLOOR = 1e-3
 Terms = Dict[str, Tuple[jax.Array, jax.Array]]
 #: Penalties of the log-normalisation error d = log_norm - log10(norm), in dex: "squared" d^2
 #: (fits the conditional mean), "absolute" |d| (the conditional median: log10(norm / aperture
-#: flux) is skewed by the light the fiber misses, and the flux metrics are medians).
-NORM_LOSSES = ("squared", "absolute")
+#: flux) is skewed by the light the fiber misses, and the flux metrics are medians); "binned":
+#: the cross-entropy of a binned amplitude head's PDF (`Astra.amplitude_bins`) at the true
+#: correction log10(norm) - log_norm_anchor, a PDF that can hold both fiber modes.
+NORM_LOSSES = ("squared", "absolute", "binned")
 
 
 def normalise_spectrum(flux: jax.Array, weight: jax.Array,
@@ -113,6 +115,7 @@ def redshift_loss(z_logits: jax.Array, z: jax.Array, has_z: jax.Array, centers: 
     sigma: 0 -> the target is one-hot on the bin containing z (nearest centre; z beyond the range
       goes to the end bin). sigma > 0 -> `smoothed_labels` (a Gaussian in z of std `sigma` at
       the bin centres, normalised to sum 1; the CE minimum is then the target's entropy, not 0).
+  Any binned PDF of a scalar is scored the same way (the binned amplitude's, in dex).
   """
   centers = jnp.asarray(centers, jnp.float32)
   z = jnp.where(has_z, z.astype(jnp.float32), 0.0)
@@ -126,7 +129,7 @@ def redshift_loss(z_logits: jax.Array, z: jax.Array, has_z: jax.Array, centers: 
 
 def loss_terms(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array], *,
                z_centers: Optional[Any] = None, z_sigma: float = 0.0,
-               norm_loss: str = "squared") -> Terms:
+               norm_loss: str = "squared", norm_sigma: float = 0.0) -> Terms:
   """Per-part (sum over counting examples, number of counting examples) float32 scalars.
 
   outputs: `Astra` outputs (spectrum (B, P), log_norm (B,), z_logits (B, K)).
@@ -134,17 +137,26 @@ def loss_terms(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array],
   z_centers: (K,) bin centres; None -> `z_bin_centers(K, DEFAULT_Z_MAX)` (pass the model's
     `z_centers()` if it was built with another z_max).
   Parts: "spectrum": `spectrum_loss` over galaxies with sum(weight) > 0; "norm": the `norm_loss`
-  penalty (NORM_LOSSES) of log_norm - log10(norm) over the same galaxies; "redshift":
-  `redshift_loss` over galaxies with has_z.
+  penalty (NORM_LOSSES) of log_norm - log10(norm) over the same galaxies ("binned": the
+  cross-entropy of outputs' log_norm_logits at log10(norm) - log_norm_anchor, labels smoothed by
+  `norm_sigma` dex); "redshift": `redshift_loss` over galaxies with has_z.
   """
   if norm_loss not in NORM_LOSSES:
     raise ValueError(f"norm_loss must be one of {NORM_LOSSES}, got {norm_loss!r}")
   flux_norm, norm = normalise_spectrum(batch["flux"], batch["weight"])
   has_spec = jnp.sum(jnp.maximum(batch["weight"], 0), axis=-1) > 0
   spec = spectrum_loss(outputs["spectrum"], flux_norm, batch["weight"])
-  log_norm = outputs["log_norm"].astype(jnp.float32)
-  error = log_norm - jnp.log10(norm)
-  penalty = error ** 2 if norm_loss == "squared" else jnp.abs(error)
+  if norm_loss == "binned":
+    if "log_norm_logits" not in outputs:
+      raise ValueError("norm_loss='binned' needs a model with amplitude_bins > 0 "
+                       "(outputs log_norm_logits and log_norm_anchor)")
+    logits = outputs["log_norm_logits"]
+    correction = jnp.log10(norm) - lax.stop_gradient(outputs["log_norm_anchor"])
+    penalty = redshift_loss(logits, correction, has_spec,
+                            amplitude_bin_centers(logits.shape[-1]), sigma=norm_sigma)
+  else:
+    error = outputs["log_norm"].astype(jnp.float32) - jnp.log10(norm)
+    penalty = error ** 2 if norm_loss == "squared" else jnp.abs(error)
   norm_term = jnp.where(has_spec, penalty, 0.0)
   z_logits = outputs["z_logits"]
   if z_centers is None:
@@ -169,7 +181,8 @@ def combine_terms(terms: Terms, *, z_weight: float,
 
 def total_loss(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array], *,
                z_weight: float, norm_weight: float, z_centers: Optional[Any] = None,
-               z_sigma: float = 0.0, norm_loss: str = "squared", axis_name: Optional[str] = None,
+               z_sigma: float = 0.0, norm_loss: str = "squared", norm_sigma: float = 0.0,
+               axis_name: Optional[str] = None,
                reduction: str = "pmean") -> Tuple[jax.Array, Dict[str, jax.Array]]:
   """Scalar float32 loss and its parts {"spectrum", "norm", "redshift"} (masked means).
 
@@ -180,7 +193,8 @@ def total_loss(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array],
   """
   if reduction not in ("pmean", "psum"):
     raise ValueError(f"reduction must be 'pmean' or 'psum', got {reduction!r}")
-  terms = loss_terms(outputs, batch, z_centers=z_centers, z_sigma=z_sigma, norm_loss=norm_loss)
+  terms = loss_terms(outputs, batch, z_centers=z_centers, z_sigma=z_sigma, norm_loss=norm_loss,
+                     norm_sigma=norm_sigma)
   if axis_name is None:
     return combine_terms(terms, z_weight=z_weight, norm_weight=norm_weight)
   scale = lax.psum(1, axis_name) if reduction == "pmean" else 1

@@ -127,6 +127,12 @@ def norm_loss(config) -> str:
   return str(config.get("norm_loss", "squared"))
 
 
+def loss_options(config, model) -> dict[str, Any]:
+  """The keyword arguments of `losses.loss_terms` (and `total_loss`) besides outputs and batch."""
+  return dict(z_centers=model.z_centers(), z_sigma=z_label_sigma(config),
+              norm_loss=norm_loss(config), norm_sigma=float(config.get("norm_label_sigma", 0.0)))
+
+
 def init_state(config, model, tx, mesh: Mesh) -> TrainState:
   """Initialises the train state directly replicated over `mesh` (no host round trip)."""
   def init(rng):
@@ -159,8 +165,7 @@ def make_train_step(config, model, tx, mesh: Mesh):
   moments stay as they were, and only `step` advances, past the batch that was consumed).
   """
   schedule = make_schedule(config)
-  z_centers = model.z_centers()
-  z_sigma = z_label_sigma(config)
+  options = loss_options(config, model)
   num_devices = mesh.shape[DATA_AXIS]
 
   def per_device(state: TrainState, batch, rng):
@@ -178,9 +183,8 @@ def make_train_step(config, model, tx, mesh: Mesh):
       # This device's share: num_devices * local sum / global count, so that the pmean of the
       # device losses (and of their gradients) is the loss of the whole global batch.
       return losses.total_loss(outputs, batch, z_weight=config.z_loss_weight,
-                               norm_weight=config.norm_loss_weight, z_centers=z_centers,
-                               z_sigma=z_sigma, norm_loss=norm_loss(config),
-                               axis_name=DATA_AXIS)
+                               norm_weight=config.norm_loss_weight, axis_name=DATA_AXIS,
+                               **options)
 
     (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     # The mean over 'data' is the identity on a one-device mesh; it is kept there too, so that
@@ -225,7 +229,7 @@ def make_loss_grad_norms(config, model, mesh: Mesh):
   dropout or augmentation. It shows which part drives the shared layers; training logs it every
   `log_every_steps` when `config.log_loss_grad_norms` (one forward and three backward passes).
   """
-  z_centers = model.z_centers()
+  options = loss_options(config, model)
   weights = dict(spectrum=1.0, norm=float(config.norm_loss_weight),
                  redshift=float(config.z_loss_weight))
   names = tuple(weights)
@@ -237,8 +241,7 @@ def make_loss_grad_norms(config, model, mesh: Mesh):
     def parts(shared):
       outputs = model.apply({"params": {**params, **shared}}, batch["image"],
                             batch["aperture_fluxes"], train=False)
-      terms = losses.loss_terms(outputs, batch, z_centers=z_centers, z_sigma=z_label_sigma(config),
-                                norm_loss=norm_loss(config))
+      terms = losses.loss_terms(outputs, batch, **options)
       # This device's share of each global part mean, as in `losses.total_loss`.
       return jnp.stack([weights[k] * terms[k][0] * num_devices
                         / jnp.maximum(lax.psum(lax.stop_gradient(terms[k][1]), DATA_AXIS), 1.0)
@@ -259,16 +262,14 @@ def make_eval_step(config, model, mesh: Mesh):
   `sums` maps each loss term to replicated global (sum, count); `outputs` are the model outputs,
   sharded like the batch. Padding examples carry weight 0 and has_z False, so they count nowhere.
   """
-  z_centers = model.z_centers()
-  z_sigma = z_label_sigma(config)
+  options = loss_options(config, model)
 
   def per_device(params, batch):
     outputs = model.apply({"params": params}, batch["image"], batch["aperture_fluxes"],
                           train=False)
     # The redshift term against the same (smoothed) labels as training, so that validation
     # losses pick the best checkpoint by the objective being minimised.
-    terms = losses.loss_terms(outputs, batch, z_centers=z_centers, z_sigma=z_sigma,
-                              norm_loss=norm_loss(config))
+    terms = losses.loss_terms(outputs, batch, **options)
     sums = {k: (lax.psum(s, DATA_AXIS), lax.psum(c, DATA_AXIS)) for k, (s, c) in terms.items()}
     return sums, outputs
 
@@ -318,6 +319,11 @@ def validate_config(config):
         f"a divisor of model.dim={config.model.dim}")
   check(z_label_sigma(config) >= 0, "z_label_sigma", "a float >= 0 (0: one-hot labels)")
   check(norm_loss(config) in losses.NORM_LOSSES, "norm_loss", f"one of {losses.NORM_LOSSES}")
+  binned = bool(config.model.get("amplitude_bins", 0))
+  check((norm_loss(config) == "binned") == binned, "norm_loss",
+        "'binned' exactly when model.amplitude_bins > 0 (a PDF head needs its cross-entropy)")
+  check(float(config.get("norm_label_sigma", 0.0)) >= 0, "norm_label_sigma",
+        "a float >= 0, dex (0: one-hot labels)")
   check(config.eval_every_steps > 0, "eval_every_steps", "an integer > 0")
   check(config.checkpoint_every_steps > 0, "checkpoint_every_steps", "an integer > 0")
   check(config.log_every_steps > 0, "log_every_steps", "an integer > 0")

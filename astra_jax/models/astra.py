@@ -40,6 +40,13 @@ DEFAULT_Z_MAX = 0.6
 REFERENCE_APERTURE = (photometry.R_BAND, photometry.DIAMETERS_ARCSEC.index(3.0))
 #: What the `log_norm` head predicts (see `Astra.amplitude`).
 AMPLITUDES = ("head", "aperture", "aperture_spectrum")
+#: The range (dex) of log_norm corrections that a binned amplitude head's bins tile
+#: (`amplitude_bin_centers`). Against the "aperture" and "aperture_spectrum" anchors the mock's
+#: corrections lie in [-0.5, 0] once the spectrum is learnt; the floor of an untrained spectrum's
+#: r flux puts them near -1.4.
+AMPLITUDE_RANGE_DEX = (-1.6, 0.4)
+#: Point estimates of a binned amplitude PDF (see `Astra.amplitude_estimate`).
+AMPLITUDE_ESTIMATES = ("mode", "median", "mean")
 #: Floor of the predicted normalised spectrum's r-band flux in `spectrum_log_norm`, nanomaggies
 #: per unit norm: a tenth of a flat f_lambda spectrum's (1 / 0.283), so an untrained or
 #: nonsensical spectrum cannot send log10 to -inf.
@@ -180,11 +187,14 @@ class SpectrumDecoder(nn.Module):
   """Summary token (B, D) -> (spectrum (B, num_pixels) float32, log_norm (B,) float32).
 
   Dense(hidden) -> ReLU -> Dense(num_pixels): the normalised spectrum (flux / norm, dimensionless);
-  a Dense(1) on the same hidden features predicts log10(norm / (1e-17 erg/s/cm^2/Angstrom)). Both
-  output layers compute in float32 (small, and a bf16 spectrum would carry ~0.4% rounding error).
+  a Dense(1) on the same hidden features predicts log10(norm / (1e-17 erg/s/cm^2/Angstrom)), or
+  with `norm_bins` > 0 a Dense(norm_bins) its logits (B, norm_bins) over `amplitude_bin_centers`.
+  Both output layers compute in float32 (small, and a bf16 spectrum would carry ~0.4% rounding
+  error).
   """
   num_pixels: int = NUM_PIXELS
   hidden: int = 2048
+  norm_bins: int = 0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -195,8 +205,9 @@ class SpectrumDecoder(nn.Module):
     h = nn.relu(h)
     spectrum = nn.Dense(self.num_pixels, dtype=jnp.float32, param_dtype=self.param_dtype,
                         name="spectrum")(h)
-    log_norm = nn.Dense(1, dtype=jnp.float32, param_dtype=self.param_dtype, name="log_norm")(h)
-    return spectrum, log_norm[:, 0]
+    log_norm = nn.Dense(self.norm_bins or 1, dtype=jnp.float32, param_dtype=self.param_dtype,
+                        name="log_norm")(h)
+    return spectrum, (log_norm if self.norm_bins else log_norm[:, 0])
 
 
 class RedshiftHead(nn.Module):
@@ -225,8 +236,16 @@ def z_bin_centers(num_bins: int = DEFAULT_NUM_Z_BINS, z_max: float = DEFAULT_Z_M
   return ((np.arange(num_bins, dtype=np.float64) + 0.5) * width).astype(np.float32)
 
 
+def amplitude_bin_centers(num_bins: int) -> np.ndarray:
+  """Centres (num_bins,) float32, in dex, of equal-width bins tiling AMPLITUDE_RANGE_DEX."""
+  low, high = AMPLITUDE_RANGE_DEX
+  width = (high - low) / num_bins
+  return (low + (np.arange(num_bins, dtype=np.float64) + 0.5) * width).astype(np.float32)
+
+
 def z_pdf_stats(logits: jax.Array, centers: jax.Array) -> Dict[str, jax.Array]:
-  """Redshift PDF summaries of logits (B, num_bins) on bin centres (num_bins,).
+  """Redshift PDF summaries of logits (B, num_bins) on bin centres (num_bins,); the same for any
+  PDF over equal-width bins (the binned amplitude's too).
 
   Returns a float32 dict: `pdf` (B, num_bins) = softmax(logits) (sums to 1), `mean` (B,) =
   sum(pdf * z), `mode` (B,) = centre of the argmax bin, `median` (B,) = where the CDF reaches 1/2
@@ -264,6 +283,9 @@ class Astra(nn.Module):
     log_norm (B,): log10(norm / (1e-17 erg/s/cm^2/Angstrom)): the head's output, plus
       `aperture_log_norm(aperture_fluxes)` with amplitude="aperture" or
       `spectrum_log_norm(aperture_fluxes, spectrum)` with amplitude="aperture_spectrum",
+    log_norm_logits (B, amplitude_bins), log_norm_anchor (B,), only if amplitude_bins > 0: the
+      head's PDF of the correction (dex) over `amplitude_centers()`, and the anchor it corrects;
+      log_norm is then the anchor plus the PDF's `amplitude_estimate`,
     z_logits (B, num_z_bins): logits over `z_bin_centers(num_z_bins, z_max)`,
     attention (B, num_heads, H/p, W/p), only if return_attention: the last block's attention of the
       summary token over the patch grid (for maps overlaid on the images).
@@ -280,6 +302,12 @@ class Astra(nn.Module):
   (`uses_photometry`). `photometry_mean`, `photometry_scale` (23 each, mag) standardise the
   embedding's features (`PhotometryEmbed`); `train.train_and_evaluate` measures them on the
   training split and stores them in the run's config.json.
+  `amplitude_bins` > 0: the amplitude head predicts a PDF over that many bins of the correction
+  to its anchor (trained by cross-entropy, `losses.loss_terms` with norm_loss="binned"), and
+  log_norm is its `amplitude_estimate` ("mode": the likeliest correction). The fiber's share of
+  the aperture light is bimodal (SDSS 3 arcsec and BOSS 2 arcsec fibers, 0.24 dex apart on the
+  mock) and which fiber a galaxy got is barely predictable from its images; a regression then
+  lands between the two modes, the mode in one of them (docs/science.md, lever (j)).
   """
   patch_size: int = 16
   dim: int = 1280
@@ -298,6 +326,8 @@ class Astra(nn.Module):
   photometry_mean: Sequence[float] = ()
   photometry_scale: Sequence[float] = ()
   amplitude: str = "head"
+  amplitude_bins: int = 0
+  amplitude_estimate: str = "mode"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -305,6 +335,12 @@ class Astra(nn.Module):
     _check_patch_embedding(self.patch_embedding)
     if self.amplitude not in AMPLITUDES:
       raise ValueError(f"amplitude must be one of {AMPLITUDES}, got {self.amplitude!r}")
+    if self.amplitude_bins and self.amplitude == "head":
+      raise ValueError("amplitude_bins > 0 bins a correction to an aperture anchor: it needs "
+                       "amplitude 'aperture' or 'aperture_spectrum', not 'head'")
+    if self.amplitude_estimate not in AMPLITUDE_ESTIMATES:
+      raise ValueError(f"amplitude_estimate must be one of {AMPLITUDE_ESTIMATES}, "
+                       f"got {self.amplitude_estimate!r}")
     super().__post_init__()
 
   @property
@@ -339,6 +375,10 @@ class Astra(nn.Module):
     """Redshift bin centres (num_z_bins,) float32 that `z_logits` refer to."""
     return z_bin_centers(self.num_z_bins, self.z_max)
 
+  def amplitude_centers(self) -> np.ndarray:
+    """Correction bin centres (amplitude_bins,) float32, dex, that `log_norm_logits` refer to."""
+    return amplitude_bin_centers(self.amplitude_bins)
+
   @nn.compact
   def __call__(self, images: jax.Array, aperture_fluxes: Optional[jax.Array] = None, *,
                train: bool, return_attention: bool = False) -> Dict[str, jax.Array]:
@@ -367,15 +407,25 @@ class Astra(nn.Module):
       # The heads also read the photometry embedding directly (GaZNet, Li et al. 2022, joins
       # its catalogue branch to the image branch here), not only through attention.
       summary = jnp.concatenate([summary, photometry.astype(summary.dtype)], axis=-1)
-    spectrum, log_norm = SpectrumDecoder(self.num_pixels, self.decoder_hidden, dtype=self.dtype,
-                                         param_dtype=self.param_dtype, name="decoder")(summary)
+    spectrum, head = SpectrumDecoder(self.num_pixels, self.decoder_hidden, self.amplitude_bins,
+                                     dtype=self.dtype, param_dtype=self.param_dtype,
+                                     name="decoder")(summary)
     if self.amplitude == "aperture":
-      log_norm = log_norm + aperture_log_norm(aperture_fluxes)
+      anchor = aperture_log_norm(aperture_fluxes)
     elif self.amplitude == "aperture_spectrum":
-      log_norm = log_norm + spectrum_log_norm(aperture_fluxes, spectrum)
+      anchor = spectrum_log_norm(aperture_fluxes, spectrum)
+    else:
+      anchor = jnp.zeros(head.shape[:1], jnp.float32)
+    outputs = {}
+    if self.amplitude_bins:
+      estimate = z_pdf_stats(head, self.amplitude_centers())[self.amplitude_estimate]
+      log_norm = anchor + estimate
+      outputs.update(log_norm_logits=head, log_norm_anchor=anchor)
+    else:
+      log_norm = anchor + head
     z_logits = RedshiftHead(self.num_z_bins, dtype=self.dtype, param_dtype=self.param_dtype,
                             name="redshift")(summary)
-    outputs = dict(spectrum=spectrum, log_norm=log_norm, z_logits=z_logits)
+    outputs.update(spectrum=spectrum, log_norm=log_norm, z_logits=z_logits)
     if return_attention:
       outputs["attention"] = attention
     return outputs

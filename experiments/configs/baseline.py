@@ -64,9 +64,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # 0 -> one-hot labels. docs/science.md has the ablation.
   c.z_label_sigma = 0.01
   c.norm_loss_weight = 1.0
-  # Penalty of the log_norm error (losses.NORM_LOSSES): "absolute" fits the median of the skewed
-  # log10(norm / aperture flux), as the flux metrics are medians; docs/science.md has the ablation.
-  c.norm_loss = "absolute"
+  # Penalty of the log_norm error (losses.NORM_LOSSES): "binned", the cross-entropy of the binned
+  # amplitude head (model.amplitude_bins), whose labels are smoothed by norm_label_sigma dex;
+  # "absolute" fits the median of log10(norm / aperture flux); docs/science.md has the ablation.
+  c.norm_loss = "binned"
+  c.norm_label_sigma = 0.02
   c.dtype = "float32"       # Compute dtype: float32 or bfloat16 (params stay float32).
   c.adam_mu_dtype = "float32"  # Adam's first moment; bfloat16 takes 1/6 off the train state.
   c.rng_impl = "threefry2x32"
@@ -109,6 +111,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # predicted spectrum has the r-band 3 arcsec aperture flux (astra.AMPLITUDES,
   # astra.spectrum_log_norm). docs/science.md has the ablation.
   c.model.amplitude = "aperture_spectrum"
+  # ... as a PDF over 200 bins of 0.01 dex (astra.AMPLITUDE_RANGE_DEX), read at its mode: the
+  # fiber's share of the light is bimodal (2 and 3 arcsec fibers), and the mode picks one of the
+  # two where a regression lands between them (docs/science.md, lever (j)). 0: a regression.
+  c.model.amplitude_bins = 200
+  c.model.amplitude_estimate = "mode"
 
   if arg == "seed":
     c.image_size = 288

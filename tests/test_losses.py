@@ -145,6 +145,38 @@ def test_absolute_norm_loss_hand_numbers():
     losses.loss_terms(outputs, batch, z_centers=centers, norm_loss="huber")
 
 
+def test_binned_norm_loss_is_the_cross_entropy_at_the_true_correction():
+  from astra_jax.models import astra as astra_lib
+  outputs, batch = _hand_batch()
+  centers = jnp.array([0.1, 0.3, 0.5])
+  amplitude = astra_lib.amplitude_bin_centers(20)                  # 0.1 dex bins, -1.6 .. 0.4.
+  logits = jnp.asarray(np.random.default_rng(0).normal(size=(3, 20)), jnp.float32)
+  anchor = jnp.array([0.2, 0.0, 1.5])
+  binned = dict(outputs, log_norm_logits=logits, log_norm_anchor=anchor)
+  terms = losses.loss_terms(binned, batch, z_centers=centers, norm_loss="binned")
+  # Galaxy 0: log10(4) - 0.2 = 0.402 -> nearest centre 0.35 (bin 19); galaxy 2:
+  # log10(2) - 1.5 = -1.199 -> -1.15 (bin 4); galaxy 1 has no spectrum.
+  log_p = np.asarray(jax.nn.log_softmax(logits))
+  assert np.argmin(np.abs(amplitude - (np.log10(4.0) - 0.2))) == 19
+  assert np.argmin(np.abs(amplitude - (np.log10(2.0) - 1.5))) == 4
+  np.testing.assert_allclose(terms["norm"][0], -log_p[0, 19] - log_p[2, 4], rtol=1e-5)
+  assert float(terms["norm"][1]) == 2
+  # Smoothed labels: the loss is least for a PDF that is the smoothed label itself.
+  label = losses.smoothed_labels(jnp.array([np.log10(4.0) - 0.2]), amplitude, 0.1)
+  def norm_term(first_logits):
+    out = dict(binned, log_norm_logits=logits.at[0].set(first_logits))
+    return float(losses.loss_terms(out, batch, z_centers=centers, norm_loss="binned",
+                                   norm_sigma=0.1)["norm"][0])
+  best = jnp.log(label[0] + 1e-12)
+  assert norm_term(best) < norm_term(best + 0.5 * logits[0])
+  # Its gradient reaches the logits only, never the anchor.
+  grad = jax.grad(lambda a: losses.loss_terms(dict(binned, log_norm_anchor=a), batch,
+                                              z_centers=centers, norm_loss="binned")["norm"][0])
+  assert float(jnp.max(jnp.abs(grad(anchor)))) == 0.0
+  with pytest.raises(ValueError, match="amplitude_bins"):
+    losses.loss_terms(outputs, batch, z_centers=centers, norm_loss="binned")
+
+
 def test_total_loss_default_centers_and_empty_parts():
   outputs, batch = _hand_batch()
   outputs = dict(outputs, z_logits=jnp.zeros((3, 180)))

@@ -428,6 +428,34 @@ def test_aperture_spectrum_amplitude_gives_the_spectrum_the_aperture_r_flux():
     Astra(**TINY, amplitude="flat")
 
 
+def test_binned_amplitude_reads_the_pdf_estimate_on_top_of_its_anchor():
+  images, fluxes = _images(), _aperture_fluxes()
+  model = Astra(**TINY, amplitude="aperture_spectrum", amplitude_bins=40)
+  params = _init(model, images, fluxes, train=False)
+  centers = model.amplitude_centers()
+  assert centers.shape == (40,) and np.allclose(np.diff(centers), 0.05)
+  assert np.isclose(centers[0] - 0.025, astra_lib.AMPLITUDE_RANGE_DEX[0])
+  # Logits that are the bias alone, peaked at bin 30 for every galaxy; a second, lower peak at 5.
+  bias = np.full(40, -5.0, np.float32)
+  bias[30], bias[5] = 3.0, 2.5
+  head = params["decoder"]["log_norm"]
+  params["decoder"]["log_norm"] = dict(kernel=jnp.zeros_like(head["kernel"]), bias=jnp.asarray(bias))
+  out = model.apply({"params": params}, images, fluxes, train=False)
+  assert out["log_norm_logits"].shape == (2, 40)
+  np.testing.assert_allclose(out["log_norm_anchor"],
+                             astra_lib.spectrum_log_norm(fluxes, out["spectrum"]), rtol=1e-6)
+  np.testing.assert_allclose(out["log_norm"] - out["log_norm_anchor"], centers[30], atol=1e-6)
+  # The mean lands between the two peaks, the mode on the likelier one.
+  mean = model.clone(amplitude_estimate="mean").apply({"params": params}, images, fluxes,
+                                                      train=False)
+  gap = mean["log_norm"] - mean["log_norm_anchor"]
+  assert np.all((gap > centers[5] + 0.1) & (gap < centers[30] - 0.1))
+  with pytest.raises(ValueError, match="aperture anchor"):
+    Astra(**TINY, amplitude_bins=40)
+  with pytest.raises(ValueError, match="amplitude_estimate"):
+    Astra(**TINY, amplitude="aperture", amplitude_bins=40, amplitude_estimate="max")
+
+
 def test_photometry_embed_reads_the_baselines_standardised_features():
   fluxes = np.array(_aperture_fluxes(batch=3, seed=4))
   fluxes[2, 4, 4] = np.nan                                 # NaN counts as a floored flux.

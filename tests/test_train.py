@@ -201,6 +201,11 @@ def test_invalid_config_names_field_and_allowed_values():
       train.validate_config(config)
   for batch_size in (4, 12):  # Any per-device batch >= 1.
     train.validate_config(tiny_config(batch_size=batch_size))
+  config = tiny_config(norm_loss="absolute")     # The tiny config's binned amplitude head ...
+  with pytest.raises(ValueError, match=r"config\.norm_loss='absolute'.*amplitude_bins"):
+    train.validate_config(config)
+  config.model.amplitude_bins = 0                 # ... is a regression again: consistent.
+  train.validate_config(config)
 
 
 def restore_or_init(latest, config, mesh):

@@ -166,6 +166,9 @@ def _predict_fn(model: astra_model.Astra, return_attention: bool):
     pred = dict(flux=losses.denormalise(out["spectrum"], out["log_norm"]),
                 spectrum=out["spectrum"], log_norm=out["log_norm"], z_pdf=stats["pdf"],
                 z_mean=stats["mean"], z_mode=stats["mode"], z_median=stats["median"])
+    if "log_norm_logits" in out:
+      pred.update(log_norm_pdf=jax.nn.softmax(out["log_norm_logits"], axis=-1),
+                  log_norm_anchor=out["log_norm_anchor"])
     if return_attention:
       pred["attention"] = jnp.mean(out["attention"], axis=1)
     return pred
@@ -185,7 +188,9 @@ def predict(model: astra_model.Astra, params, images: np.ndarray,
   Returns `flux` (N, 4000) in 1e-17 erg/s/cm^2/Angstrom, `spectrum` (N, 4000) normalised,
   `log_norm` (N,) log10(norm / 1e-17 erg/s/cm^2/Angstrom), `z_pdf` (N, num_z_bins) on
   `z_edges(model)`, `z_mean`, `z_mode`, `z_median` (N,; the median is the point estimate),
-  `z_lo`, `z_hi` (N,) the central 68 % interval, and
+  `z_lo`, `z_hi` (N,) the central 68 % interval; for a binned amplitude (`amplitude_bins`)
+  `log_norm_pdf` (N, amplitude_bins), the PDF of log_norm over `log_norm_anchor` (N,) +
+  `model.amplitude_centers()` (dex); and
   with `return_attention` `attention` (N, H/p, W/p): the summary token's last-block attention over
   the patch grid, averaged over heads. Batches of `batch_size` (rounded up to a multiple of the
   local device count) are split over the local devices; the last one is zero-padded and the

@@ -175,8 +175,24 @@ def combine_terms(terms: Terms, *, z_weight: float,
   A part with count 0 has mean 0 (and contributes no gradient).
   """
   parts = {name: s / jnp.maximum(c, 1.0) for name, (s, c) in terms.items()}
-  loss = parts["spectrum"] + norm_weight * parts["norm"] + z_weight * parts["redshift"]
-  return loss, parts
+  return weighted_sum(parts, z_weight=z_weight, norm_weight=norm_weight), parts
+
+
+def weighted_sum(parts: Mapping[str, jax.Array], *, z_weight: float,
+                 norm_weight: float) -> jax.Array:
+  """spectrum + norm_weight * norm + z_weight * redshift of per-part values."""
+  return parts["spectrum"] + norm_weight * parts["norm"] + z_weight * parts["redshift"]
+
+
+def device_shares(terms: Terms, axis_name: str, reduction: str = "pmean") -> Dict[str, jax.Array]:
+  """This device's share of each part's global mean, inside pmap/shard_map over `axis_name`:
+  local sum / global count, times the number of devices for reduction="pmean" (see the module
+  docstring). Counts are psum'd without gradient."""
+  if reduction not in ("pmean", "psum"):
+    raise ValueError(f"reduction must be 'pmean' or 'psum', got {reduction!r}")
+  scale = lax.psum(1, axis_name) if reduction == "pmean" else 1
+  return {k: s * scale / jnp.maximum(lax.psum(lax.stop_gradient(c), axis_name), 1.0)
+          for k, (s, c) in terms.items()}
 
 
 def total_loss(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array], *,
@@ -197,12 +213,10 @@ def total_loss(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array],
                      norm_sigma=norm_sigma)
   if axis_name is None:
     return combine_terms(terms, z_weight=z_weight, norm_weight=norm_weight)
-  scale = lax.psum(1, axis_name) if reduction == "pmean" else 1
-  counts = {k: lax.psum(lax.stop_gradient(c), axis_name) for k, (_, c) in terms.items()}
-  scaled = {k: (s * scale, counts[k]) for k, (s, _) in terms.items()}
-  loss, _ = combine_terms(scaled, z_weight=z_weight, norm_weight=norm_weight)
-  global_terms = {k: (lax.psum(lax.stop_gradient(s), axis_name), counts[k])
-                  for k, (s, _) in terms.items()}
+  loss = weighted_sum(device_shares(terms, axis_name, reduction), z_weight=z_weight,
+                      norm_weight=norm_weight)
+  global_terms = {k: (lax.psum(lax.stop_gradient(s), axis_name),
+                      lax.psum(lax.stop_gradient(c), axis_name)) for k, (s, c) in terms.items()}
   _, parts = combine_terms(global_terms, z_weight=z_weight, norm_weight=norm_weight)
   return loss, parts
 

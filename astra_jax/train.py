@@ -236,16 +236,13 @@ def make_loss_grad_norms(config, model, mesh: Mesh):
 
   def per_device(params, batch):
     shared = {k: v for k, v in params.items() if k in SHARED_PARAMS}
-    num_devices = lax.psum(1, DATA_AXIS)
 
     def parts(shared):
       outputs = model.apply({"params": {**params, **shared}}, batch["image"],
                             batch["aperture_fluxes"], train=False)
-      terms = losses.loss_terms(outputs, batch, **options)
-      # This device's share of each global part mean, as in `losses.total_loss`.
-      return jnp.stack([weights[k] * terms[k][0] * num_devices
-                        / jnp.maximum(lax.psum(lax.stop_gradient(terms[k][1]), DATA_AXIS), 1.0)
-                        for k in names])
+      # This device's share of each global part mean, as `losses.total_loss` takes it.
+      shares = losses.device_shares(losses.loss_terms(outputs, batch, **options), DATA_AXIS)
+      return jnp.stack([weights[k] * shares[k] for k in names])
 
     jacobian = lax.pmean(jax.jacrev(parts)(shared), DATA_AXIS)   # Leaves (3, *param shape).
     squares = sum(jnp.sum(jnp.square(g.astype(jnp.float32)).reshape(len(names), -1), axis=1)
@@ -464,7 +461,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         done = step + 1
         # Before the step: it donates the parameters.
         grad_norms = (loss_grad_norms(state.params, batch) if loss_grad_norms is not None
-                      and done % config.log_every_steps == 0 else {})
+                      and log.is_log_step(done) else {})
         state, metrics = train_step(state, batch, rng)
         metrics = {**metrics, **grad_norms}
         bar.update(1)
@@ -530,9 +527,13 @@ class _TrainLog:
     self.consecutive: list[int] = []      # The current run of non-finite steps.
     self.start, self.t0 = start, time.perf_counter()
 
+  def is_log_step(self, step: int) -> bool:
+    """Whether `add(step, ...)` writes a line: every log_every_steps, and the last step."""
+    return step % self.config.log_every_steps == 0 or step == self.config.num_train_steps
+
   def add(self, step: int, metrics):
     self.pending.append((step, metrics))
-    if step % self.config.log_every_steps == 0 or step == self.config.num_train_steps:
+    if self.is_log_step(step):
       self.flush()
 
   def flush(self):

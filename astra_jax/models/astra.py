@@ -304,10 +304,11 @@ class Astra(nn.Module):
   training split and stores them in the run's config.json.
   `amplitude_bins` > 0: the amplitude head predicts a PDF over that many bins of the correction
   to its anchor (trained by cross-entropy, `losses.loss_terms` with norm_loss="binned"), and
-  log_norm is its `amplitude_estimate` ("mode": the likeliest correction). The fiber's share of
-  the aperture light is bimodal (SDSS 3 arcsec and BOSS 2 arcsec fibers, 0.24 dex apart on the
-  mock) and which fiber a galaxy got is barely predictable from its images; a regression then
-  lands between the two modes, the mode in one of them (docs/science.md, lever (j)).
+  log_norm is its `amplitude_estimate` ("median", "mode" or "mean" of that PDF). The fiber's
+  share of the aperture light is bimodal (SDSS 3 arcsec and BOSS 2 arcsec fibers, 0.24 dex apart
+  on the mock), and which fiber a galaxy got is barely predictable from its images: a PDF can
+  hold both modes where a regression of the mean or median is one number that must land
+  between or in them (docs/science.md, lever (j)).
   """
   patch_size: int = 16
   dim: int = 1280
@@ -327,7 +328,7 @@ class Astra(nn.Module):
   photometry_scale: Sequence[float] = ()
   amplitude: str = "head"
   amplitude_bins: int = 0
-  amplitude_estimate: str = "mode"
+  amplitude_estimate: str = "median"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 

@@ -439,8 +439,10 @@ def test_binned_amplitude_reads_the_pdf_estimate_on_top_of_its_anchor():
   # Logits that are the bias alone, peaked at bin 30 for every galaxy; a second, lower peak at 5.
   bias = np.full(40, -5.0, np.float32)
   bias[30], bias[5] = 3.0, 2.5
-  head = params["decoder"]["log_norm"]
-  params["decoder"]["log_norm"] = dict(kernel=jnp.zeros_like(head["kernel"]), bias=jnp.asarray(bias))
+  assert "log_norm" not in params["decoder"]      # The amplitude has its own head.
+  head = params["amplitude"]["logits"]
+  params["amplitude"]["logits"] = dict(kernel=jnp.zeros_like(head["kernel"]),
+                                       bias=jnp.asarray(bias))
   out = model.apply({"params": params}, images, fluxes, train=False)
   assert out["log_norm_logits"].shape == (2, 40)
   np.testing.assert_allclose(out["log_norm_anchor"],

@@ -187,14 +187,13 @@ class SpectrumDecoder(nn.Module):
   """Summary token (B, D) -> (spectrum (B, num_pixels) float32, log_norm (B,) float32).
 
   Dense(hidden) -> ReLU -> Dense(num_pixels): the normalised spectrum (flux / norm, dimensionless);
-  a Dense(1) on the same hidden features predicts log10(norm / (1e-17 erg/s/cm^2/Angstrom)), or
-  with `norm_bins` > 0 a Dense(norm_bins) its logits (B, norm_bins) over `amplitude_bin_centers`.
-  Both output layers compute in float32 (small, and a bf16 spectrum would carry ~0.4% rounding
-  error).
+  with `log_norm` a Dense(1) on the same hidden features predicts log10(norm / (1e-17
+  erg/s/cm^2/Angstrom)), else log_norm is None. Both output layers compute in float32 (small, and
+  a bf16 spectrum would carry ~0.4% rounding error).
   """
   num_pixels: int = NUM_PIXELS
   hidden: int = 2048
-  norm_bins: int = 0
+  log_norm: bool = True
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -205,16 +204,18 @@ class SpectrumDecoder(nn.Module):
     h = nn.relu(h)
     spectrum = nn.Dense(self.num_pixels, dtype=jnp.float32, param_dtype=self.param_dtype,
                         name="spectrum")(h)
-    log_norm = nn.Dense(self.norm_bins or 1, dtype=jnp.float32, param_dtype=self.param_dtype,
-                        name="log_norm")(h)
-    return spectrum, (log_norm if self.norm_bins else log_norm[:, 0])
+    if not self.log_norm:
+      return spectrum, None
+    log_norm = nn.Dense(1, dtype=jnp.float32, param_dtype=self.param_dtype, name="log_norm")(h)
+    return spectrum, log_norm[:, 0]
 
 
 class RedshiftHead(nn.Module):
   """Summary token (B, D) -> logits (B, num_bins) float32 over redshift bins (see `z_bin_centers`).
 
   Dense(hidden or D) -> GELU -> Dense(num_bins); softmax of the logits is the redshift PDF
-  (classification as in Pasquet et al. 2019).
+  (classification as in Pasquet et al. 2019). The binned amplitude (`Astra.amplitude_bins`) is
+  the same head over its own bins.
   """
   num_bins: int = DEFAULT_NUM_Z_BINS
   hidden: Optional[int] = None
@@ -302,8 +303,8 @@ class Astra(nn.Module):
   (`uses_photometry`). `photometry_mean`, `photometry_scale` (23 each, mag) standardise the
   embedding's features (`PhotometryEmbed`); `train.train_and_evaluate` measures them on the
   training split and stores them in the run's config.json.
-  `amplitude_bins` > 0: the amplitude head predicts a PDF over that many bins of the correction
-  to its anchor (trained by cross-entropy, `losses.loss_terms` with norm_loss="binned"), and
+  `amplitude_bins` > 0: the amplitude head (a `RedshiftHead` of its own, "amplitude", in place
+  of the decoder's Dense(1)) predicts a PDF over that many bins of the correction to its anchor (trained by cross-entropy, `losses.loss_terms` with norm_loss="binned"), and
   log_norm is its `amplitude_estimate` ("median", "mode" or "mean" of that PDF). The fiber's
   share of the aperture light is bimodal (SDSS 3 arcsec and BOSS 2 arcsec fibers, 0.24 dex apart
   on the mock), and which fiber a galaxy got is barely predictable from its images: a PDF can
@@ -408,9 +409,13 @@ class Astra(nn.Module):
       # The heads also read the photometry embedding directly (GaZNet, Li et al. 2022, joins
       # its catalogue branch to the image branch here), not only through attention.
       summary = jnp.concatenate([summary, photometry.astype(summary.dtype)], axis=-1)
-    spectrum, head = SpectrumDecoder(self.num_pixels, self.decoder_hidden, self.amplitude_bins,
-                                     dtype=self.dtype, param_dtype=self.param_dtype,
-                                     name="decoder")(summary)
+    spectrum, head = SpectrumDecoder(self.num_pixels, self.decoder_hidden,
+                                     log_norm=not self.amplitude_bins, dtype=self.dtype,
+                                     param_dtype=self.param_dtype, name="decoder")(summary)
+    if self.amplitude_bins:
+      # Its own hidden layer: sharing the decoder's cost the spectrum R^2 (docs/science.md).
+      head = RedshiftHead(self.amplitude_bins, dtype=self.dtype, param_dtype=self.param_dtype,
+                          name="amplitude")(summary)
     if self.amplitude == "aperture":
       anchor = aperture_log_norm(aperture_fluxes)
     elif self.amplitude == "aperture_spectrum":

@@ -40,10 +40,10 @@ NORM_FLOOR = 1e-3
 
 Terms = Dict[str, Tuple[jax.Array, jax.Array]]
 #: Penalties of the log-normalisation error d = log_norm - log10(norm), in dex: "squared" d^2
-#: (fits the conditional mean), "absolute" |d| (the conditional median: log10(norm / aperture
-#: flux) is skewed by the light the fiber misses, and the flux metrics are medians); "binned":
-#: the cross-entropy of a binned amplitude head's PDF (`Astra.amplitude_bins`) at the true
-#: correction log10(norm) - log_norm_anchor, a PDF that can hold both fiber modes.
+#: (fits the conditional mean), "absolute" |d| (the conditional median, as the flux metrics are
+#: medians); "binned": the cross-entropy of a binned amplitude head's PDF (`Astra.amplitude_bins`)
+#: at the true correction log10(norm) - log_norm_anchor, a PDF that can hold both peaks of
+#: log10(norm / aperture flux), one per fiber size.
 NORM_LOSSES = ("squared", "absolute", "binned")
 
 

@@ -304,8 +304,9 @@ class Astra(nn.Module):
   embedding's features (`PhotometryEmbed`); `train.train_and_evaluate` measures them on the
   training split and stores them in the run's config.json.
   `amplitude_bins` > 0: the amplitude head (a `RedshiftHead` of its own, "amplitude", in place
-  of the decoder's Dense(1)) predicts a PDF over that many bins of the correction to its anchor (trained by cross-entropy, `losses.loss_terms` with norm_loss="binned"), and
-  log_norm is its `amplitude_estimate` ("median", "mode" or "mean" of that PDF). The fiber's
+  of the decoder's Dense(1)) predicts a PDF over that many bins of the correction to its anchor
+  (trained by cross-entropy, `losses.loss_terms` with norm_loss="binned"), and log_norm is its
+  `amplitude_estimate` ("median", "mode" or "mean" of that PDF). The fiber's
   share of the aperture light is bimodal (SDSS 3 arcsec and BOSS 2 arcsec fibers, 0.24 dex apart
   on the mock), and which fiber a galaxy got is barely predictable from its images: a PDF can
   hold both modes where a regression of the mean or median is one number that must land

@@ -40,6 +40,7 @@ import orbax.checkpoint as ocp
 
 from astra_jax import checkpoint
 from astra_jax import grid
+from astra_jax import photometry
 from astra_jax import sharding
 from astra_jax import train
 from experiments.configs import baseline
@@ -124,7 +125,8 @@ def peak_flops(dtype: str) -> tuple[float, str]:
 def forward_flops(config, summary_only: bool) -> tuple[int, int]:
   """(forward matmul FLOPs of one example, those of the first layer), 2 FLOPs per MAC.
 
-  The patch CNN, projections, attention, MLPs and heads of `Astra`; elementwise work (norms,
+  The patch CNN, photometry embedding, projections, attention, MLPs and heads of `Astra`
+  (the heads read the photometry embedding too with `photometry_to_heads`); elementwise work (norms,
   softmax, GELU, optimizer) is left out, the usual MFU convention. `summary_only`: the last
   block computes the summary token alone, as `Astra` does in training; the peer computes all.
   """
@@ -143,15 +145,21 @@ def forward_flops(config, summary_only: bool) -> tuple[int, int]:
   proj = 2 * pixels * channels * m.dim
   first = patches * (proj if first is None else first)
   embed = patches * (embed + proj)
-  d, t, hidden = m.dim, patches + 1, m.mlp_ratio * m.dim
+  d, hidden = m.dim, m.mlp_ratio * m.dim
+  token, to_heads = m.get("photometry_token", False), m.get("photometry_to_heads", False)
+  if token or to_heads:  # PhotometryEmbed: features -> Dense(d) -> GELU -> Dense(d).
+    embed += 2 * photometry.NUM_FEATURES * d + 2 * d * d
+  t = patches + 1 + int(token)  # Patches, the summary token and the photometry token.
 
   def block(queries):  # q, k, v of every token; `queries` tokens attend and go through the MLP.
     return (2 * t * d * 3 * d + 2 * 2 * queries * t * d + 2 * queries * d * d
             + 2 * 2 * queries * d * hidden)
 
   encoder = (m.num_layers - 1) * block(t) + block(1 if summary_only else t)
-  heads = (2 * d * m.decoder_hidden + 2 * m.decoder_hidden * (grid.NUM_PIXELS + 1)
-           + 2 * d * d + 2 * d * m.num_z_bins)
+  h, bins = d * (2 if to_heads else 1), m.get("amplitude_bins", 0)  # The heads' input width.
+  binned_head = lambda num_bins: 2 * h * h + 2 * h * num_bins  # A RedshiftHead.
+  heads = (2 * h * m.decoder_hidden + 2 * m.decoder_hidden * (grid.NUM_PIXELS + (0 if bins else 1))
+           + binned_head(m.num_z_bins) + (binned_head(bins) if bins else 0))
   return embed + encoder + heads, first
 
 

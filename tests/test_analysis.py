@@ -108,6 +108,8 @@ def test_predict_matches_collect_predictions(run, test_split):
                 z_pdf=(n, num_bins), z_mean=(n,), z_mode=(n,), z_median=(n,), z_lo=(n,),
                 z_hi=(n,),
                 attention=(n, grid_size, grid_size))
+  if model.amplitude_bins:  # The binned amplitude's PDF and the anchor its bins correct.
+    shapes.update(log_norm_pdf=(n, model.amplitude_bins), log_norm_anchor=(n,))
   assert {k: v.shape for k, v in got.items()} == shapes
   # float32 round-off of different batch shapes, in the normalised spectrum times the norm: the
   # flux reaches ~3000 here, so a pixel near 0 can be off by ~1e-6 of the largest flux.
@@ -115,6 +117,10 @@ def test_predict_matches_collect_predictions(run, test_split):
                              atol=1e-6 * np.abs(want["pred_flux"]).max())
   for key in ("spectrum", "log_norm", "z_pdf", "z_mean", "z_mode", "z_median"):
     np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-5, err_msg=key)
+  if model.amplitude_bins:
+    np.testing.assert_allclose(got["log_norm_pdf"].sum(-1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(got["log_norm_anchor"], want["log_norm_anchor"], rtol=1e-5,
+                               atol=1e-5)
   # Each head's map sums to 1 minus the summary token's self-weight.
   total = got["attention"].sum(axis=(1, 2))
   assert np.all((total > 0) & (total <= 1 + 1e-5))

@@ -26,7 +26,7 @@ def test_the_peer_counts_the_whole_last_block():
   config = baseline.get_config("seed")
   full, summary_only = (benchmark.train_flops(config, summary_only=s) for s in (False, True))
   m, d = config.model, config.model.dim
-  tokens = (config.image_size // m.patch_size) ** 2 + 1
+  tokens = (config.image_size // m.patch_size) ** 2 + 1 + int(m.photometry_token)
   # The last block's attention, output and MLP matmuls for the tokens other than the summary
   # (q, k and v are projected for every token either way), forward and backward (3x).
   per_token = 2 * (2 * tokens * d + d * d + 2 * d * m.mlp_ratio * d)

@@ -112,8 +112,8 @@ def test_loss_grad_norms_are_each_parts_gradient_on_the_shared_layers():
     outputs = model.apply({"params": {**params, **shared}}, batch["image"],
                           batch["aperture_fluxes"], train=False)
     _, parts = losses.combine_terms(
-        losses.loss_terms(outputs, batch, z_centers=z_centers, z_sigma=config.z_label_sigma,
-                          norm_loss=config.norm_loss), z_weight=2.0, norm_weight=0.0)
+        losses.loss_terms(outputs, batch, **train.loss_options(config, model)), z_weight=2.0,
+        norm_weight=0.0)
     return {"spectrum": 1.0, "redshift": 2.0}[name] * parts[name]
 
   shared = {k: params[k] for k in train.SHARED_PARAMS if k in params}
@@ -411,9 +411,8 @@ def test_train_step_computes_the_bf16_model_as_written():
     outputs = model.apply({"params": params}, jnp.asarray(batch["image"]),
                           jnp.asarray(batch["aperture_fluxes"]), train=True)
     loss, _ = losses.total_loss(outputs, batch, z_weight=config.z_loss_weight,
-                                norm_weight=config.norm_loss_weight, z_centers=model.z_centers(),
-                                z_sigma=train.z_label_sigma(config),
-                                norm_loss=train.norm_loss(config))
+                                norm_weight=config.norm_loss_weight,
+                                **train.loss_options(config, model))
   np.testing.assert_allclose(float(metrics["loss"]), float(loss), rtol=2e-3)
 
 

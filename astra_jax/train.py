@@ -127,10 +127,15 @@ def norm_loss(config) -> str:
   return str(config.get("norm_loss", "squared"))
 
 
+def norm_label_sigma(config) -> float:
+  """`config.norm_label_sigma` (dex), or 0 (one-hot labels) for configs written before it existed."""
+  return float(config.get("norm_label_sigma", 0.0))
+
+
 def loss_options(config, model) -> dict[str, Any]:
   """The keyword arguments of `losses.loss_terms` (and `total_loss`) besides outputs and batch."""
   return dict(z_centers=model.z_centers(), z_sigma=z_label_sigma(config),
-              norm_loss=norm_loss(config), norm_sigma=float(config.get("norm_label_sigma", 0.0)))
+              norm_loss=norm_loss(config), norm_sigma=norm_label_sigma(config))
 
 
 def init_state(config, model, tx, mesh: Mesh) -> TrainState:
@@ -319,7 +324,7 @@ def validate_config(config):
   binned = bool(config.model.get("amplitude_bins", 0))
   check((norm_loss(config) == "binned") == binned, "norm_loss",
         "'binned' exactly when model.amplitude_bins > 0 (a PDF head needs its cross-entropy)")
-  check(float(config.get("norm_label_sigma", 0.0)) >= 0, "norm_label_sigma",
+  check(norm_label_sigma(config) >= 0, "norm_label_sigma",
         "a float >= 0, dex (0: one-hot labels)")
   check(config.eval_every_steps > 0, "eval_every_steps", "an integer > 0")
   check(config.checkpoint_every_steps > 0, "checkpoint_every_steps", "an integer > 0")

@@ -106,7 +106,6 @@ def test_loss_grad_norms_are_each_parts_gradient_on_the_shared_layers():
   batch = fake_batch(config)
   params = jax.device_get(train.init_state(config, model, train.make_optimizer(config),
                                            sharding.create_mesh(jax.devices()[:1])).params)
-  z_centers = model.z_centers()
 
   def part(shared, name):  # The part as training weighs it, on the whole batch, one device.
     outputs = model.apply({"params": {**params, **shared}}, batch["image"],

@@ -63,8 +63,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Gaussian label smoothing of the redshift cross-entropy, std in z (losses.smoothed_labels);
   # 0 -> one-hot labels. docs/science.md has the ablation.
   c.z_label_sigma = 0.01
-  # lambda_norm in that loss, for the binned amplitude's cross-entropy (~3.6 nats where the redshift's is
-  # ~3): at 1 its gradient on the shared layers cost the spectrum R^2 (docs/science.md, lever (j)).
+  # lambda_norm in that loss, for the binned amplitude's cross-entropy (~3.6 nats where the
+  # redshift's is ~3): at 1 its gradient on the shared layers cost the spectrum R^2
+  # (docs/science.md, lever (j)).
   c.norm_loss_weight = 0.25
   # Penalty of the log_norm error (losses.NORM_LOSSES): "binned", the cross-entropy of the binned
   # amplitude head (model.amplitude_bins), whose labels are smoothed by norm_label_sigma dex;

@@ -33,6 +33,7 @@ from astra_jax import losses
 from astra_jax import paths
 from astra_jax import sharding
 from astra_jax import train
+from astra_jax.data import fits_io
 from astra_jax.models import astra as astra_model
 
 #: Quantiles of the CDF that bound the central 68 % interval of a redshift PDF.
@@ -155,12 +156,12 @@ def z_interval(pdf: np.ndarray, edges: np.ndarray,
 
 @functools.lru_cache(maxsize=16)
 def _predict_fn(model: astra_model.Astra, return_attention: bool):
-  """Jitted (params, images (B, bands, H, W), aperture_fluxes (B, bands, 5) or None) -> dict of
-  per-galaxy outputs, B-sharded."""
+  """Jitted (params, images (B, bands, H, W), aperture_fluxes (B, bands, 5), fiber_diameter (B,))
+  -> dict of per-galaxy outputs, B-sharded."""
   centers = jnp.asarray(model.z_centers())
 
-  def fn(params, images, aperture_fluxes):
-    out = model.apply({"params": params}, images, aperture_fluxes, train=False,
+  def fn(params, images, aperture_fluxes, fiber_diameter):
+    out = model.apply({"params": params}, images, aperture_fluxes, fiber_diameter, train=False,
                       return_attention=return_attention)
     stats = astra_model.z_pdf_stats(out["z_logits"], centers)
     pred = dict(flux=losses.denormalise(out["spectrum"], out["log_norm"]),
@@ -175,15 +176,35 @@ def _predict_fn(model: astra_model.Astra, return_attention: bool):
   return jax.jit(fn)
 
 
+def fiber_diameters(model: astra_model.Astra, fiber_diameter, n: int) -> np.ndarray:
+  """(n,) float32 arcsec from one fiber diameter or n of them; each must be a fiber the surveys
+  used (`fits_io.FIBER_DIAMETERS_ARCSEC`: the model learnt no other). None: the SDSS 3 arcsec
+  fiber for a model without `fiber_input` (unused), an error for one with it."""
+  if fiber_diameter is None:
+    if model.fiber_input:
+      raise ValueError("this model (fiber_input) predicts the light in a given fiber: pass "
+                       f"fiber_diameter, one of {fits_io.FIBER_DIAMETERS_ARCSEC} arcsec (BOSS, "
+                       "SDSS)")
+    fiber_diameter = fits_io.SDSS_FIBER_ARCSEC
+  out = np.broadcast_to(np.asarray(fiber_diameter, np.float32), (n,)).copy()
+  unknown = sorted(set(out.tolist()) - set(fits_io.FIBER_DIAMETERS_ARCSEC))
+  if unknown:
+    raise ValueError(f"fiber_diameter {unknown} arcsec: the model learnt only the fibers "
+                     f"{fits_io.FIBER_DIAMETERS_ARCSEC} (BOSS, SDSS)")
+  return out
+
+
 def predict(model: astra_model.Astra, params, images: np.ndarray,
             aperture_fluxes: np.ndarray | None = None, batch_size: int = 64,
-            return_attention: bool = False) -> dict[str, np.ndarray]:
+            return_attention: bool = False, fiber_diameter=None) -> dict[str, np.ndarray]:
   """The model's predictions for images (N, bands, H, W), as numpy.
 
   Images are asinh-stretched: float16 as prepared datasets and `predict.load_galaxy` give them,
   or float32; other dtypes are converted to float32. `aperture_fluxes` (N, bands, 5) float32
   nanomaggies, `photometry.aperture_fluxes` of the same cutouts (as datasets store them and
   `predict.load_galaxy` measures them), are needed by a model that `uses_photometry`.
+  `fiber_diameter` (N,) or one number, arcsec: the fiber whose light the spectrum is predicted
+  in (SDSS 3, BOSS 2; `fits_io.FIBER_DIAMETERS_ARCSEC`), needed by a model with `fiber_input`.
 
   Returns `flux` (N, 4000) in 1e-17 erg/s/cm^2/Angstrom, `spectrum` (N, 4000) normalised,
   `log_norm` (N,) log10(norm / 1e-17 erg/s/cm^2/Angstrom), `z_pdf` (N, num_z_bins) on
@@ -208,6 +229,7 @@ def predict(model: astra_model.Astra, params, images: np.ndarray,
   aperture_fluxes = np.asarray(aperture_fluxes, np.float32)
   if aperture_fluxes.shape[0] != n:
     raise ValueError(f"{n} images but {aperture_fluxes.shape[0]} rows of aperture_fluxes")
+  fiber_diameter = fiber_diameters(model, fiber_diameter, n)
   mesh = local_mesh()
   ndev = mesh.size
   params = jax.device_put(params, sharding.replicated(mesh))
@@ -215,11 +237,13 @@ def predict(model: astra_model.Astra, params, images: np.ndarray,
   fn = _predict_fn(model, return_attention)
   parts: dict[str, list[np.ndarray]] = {}
   for start in range(0, n, batch):
-    chunk, fluxes = images[start:start + batch], aperture_fluxes[start:start + batch]
+    rows = slice(start, start + batch)
+    chunk, fluxes, fiber = images[rows], aperture_fluxes[rows], fiber_diameter[rows]
     real = len(chunk)
     # One shape for every full batch (one compilation); padding galaxies are zeros, dropped below.
     pad = lambda x: np.concatenate([x, np.zeros((batch - real, *x.shape[1:]), x.dtype)])
-    out = fn(params, *jax.device_put((pad(chunk), pad(fluxes)), sharding.batch_sharding(mesh)))
+    out = fn(params, *jax.device_put((pad(chunk), pad(fluxes), pad(fiber)),
+                                     sharding.batch_sharding(mesh)))
     for k, v in jax.device_get(out).items():
       parts.setdefault(k, []).append(np.asarray(v)[:real])
   if not parts:
@@ -235,7 +259,8 @@ def predict_split(model, params, dataset_dir: str, split: str, *, batch_size: in
 
   Truth: `specobj_id` (N,) str, `ra`, `dec` (N,) float64 degrees, `flux_true` (N, 4000) in
   1e-17 erg/s/cm^2/Angstrom, `weight` (N, 4000) (inverse variance, or 1/0), `z_true` (N,) float32
-  (NaN where the galaxy has no redshift), `has_z` (N,) bool; plus everything `predict` returns,
+  (NaN where the galaxy has no redshift), `has_z` (N,) bool, `fiber_diameter` (N,) float32
+  arcsec (the spectrum's fiber, which the prediction is for); plus everything `predict` returns,
   and `image` (keep_images, bands, H, W) of the first `keep_images` galaxies. The dataset is read
   batch by batch, so the split's images never sit in memory all at once.
   """
@@ -256,13 +281,15 @@ def _predict_batches(model, params, batches: Iterable[dict], *, batch_size: int,
     if not mask.any():
       continue
     images = batch["image"][mask]
-    pred = predict(model, params, images, batch["aperture_fluxes"][mask], batch_size=batch_size,
+    pred = predict(model, params, images, batch["aperture_fluxes"][mask],
+                   fiber_diameter=batch["fiber_diameter"][mask], batch_size=batch_size,
                    return_attention=return_attention)
     truth = dict(specobj_id=np.array([s.decode() for s in batch["specobj_id"][mask]]),
                  ra=batch["ra"][mask].astype(np.float64), dec=batch["dec"][mask].astype(np.float64),
                  flux_true=batch["flux"][mask], weight=batch["weight"][mask],
                  z_true=np.where(batch["has_z"][mask], batch["z"][mask], np.nan).astype(np.float32),
-                 has_z=batch["has_z"][mask].astype(bool))
+                 has_z=batch["has_z"][mask].astype(bool),
+                 fiber_diameter=batch["fiber_diameter"][mask].astype(np.float32))
     take = min(keep_images - kept, len(images))
     if take > 0:
       truth["image"], kept = images[:take], kept + take

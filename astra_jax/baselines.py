@@ -11,7 +11,11 @@
 (d) `PhotoMLP`: an MLP on the same features ending in ASTRA's own `RedshiftHead`, trained with
     ASTRA's smoothed cross-entropy over its redshift bins; the spectrum as in (c).
 (c) and (d) need the dataset's `aperture_fluxes` (see `photometry`).
-All see only what ASTRA sees at prediction time: the images (through their aperture photometry).
+All see only what ASTRA sees at prediction time: the images (through their aperture photometry),
+and for the amplitude the fiber the spectrum is taken in (`fiber_diameter`): each baseline's
+spectrum-to-aperture ratio comes from training galaxies observed through the same fiber
+(`FiberAmplitudes`), as ASTRA's amplitude head reads the fiber (`Astra.fiber_input`). Neither
+uses the fiber for the redshift or the spectrum's shape.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from astra_jax import models
 from astra_jax import photometry
 
 R_BAND = 1  # Index of r in the g,r,i,z,y aperture fluxes.
-_KEYS = ("flux", "weight", "aperture_flux", "z", "has_z", "specobj_id")
+_KEYS = ("flux", "weight", "aperture_flux", "fiber_diameter", "z", "has_z", "specobj_id")
 #: Loaded where the dataset has them (datasets prepared before they were added do not).
 _OPTIONAL_KEYS = (photometry.KEY,)
 
@@ -77,23 +81,67 @@ def _prediction(data, spectrum, log_norm, z) -> dict[str, np.ndarray]:
           "pred_flux": spectrum * 10.0 ** log_norm[:, None]}
 
 
+class FiberAmplitudes:
+  """The baselines' amplitude: log10 of the median spectrum-norm-to-r-aperture-flux ratio of the
+  k nearest training galaxies taken through the same fiber (in a standardised feature space),
+  times the galaxy's own r-band 3 arcsec aperture flux.
+
+  A fiber of 2 arcsec (BOSS) holds ~0.24 dex less of a mock galaxy's light than one of 3
+  (SDSS). Each fiber has its own neighbour index; a galaxy whose fiber no training galaxy had
+  takes its neighbours among all of them. Without a usable ratio or aperture flux (NaN, <= 0),
+  the neighbours' median norm. k=None: every training galaxy of the fiber (`MeanSpectrum`).
+  """
+
+  def __init__(self, features: np.ndarray, train: dict[str, np.ndarray], k: int | None = 10,
+               threads: int | None = 1):
+    from sklearn import neighbors  # pylint: disable=g-import-not-at-top
+    self.threads = threads
+    _, self.norm, _ = _normalised(train)
+    self.ratio = _flux_ratio(self.norm, train["aperture_flux"][:, R_BAND])
+    fiber = train["fiber_diameter"]
+    self.groups = {}  # fiber (arcsec, or None: all) -> (training rows, index over them)
+    for key, rows in [(None, np.arange(len(fiber)))] + [
+        (float(f), np.flatnonzero(fiber == f)) for f in np.unique(fiber)]:
+      n = len(rows) if k is None else min(k, len(rows))
+      self.groups[key] = rows, neighbors.NearestNeighbors(n_neighbors=n).fit(features[rows])
+
+  def log_norm(self, features: np.ndarray, fiber_diameter: np.ndarray, aperture_r: np.ndarray
+               ) -> np.ndarray:
+    """(N,) log10(norm / 1e-17 erg/s/cm^2/A) of galaxies with standardised `features` (N, F),
+    spectra taken through `fiber_diameter` (N,) arcsec, r aperture flux (N,) nanomaggies."""
+    out = np.empty(len(features), np.float64)
+    fiber = np.asarray(fiber_diameter, np.float64)
+    for f in np.unique(fiber):
+      rows_out = np.flatnonzero(fiber == f)
+      rows, index = self.groups.get(float(f), self.groups[None])
+      with _openmp_threads(self.threads):
+        idx = rows[index.kneighbors(features[rows_out], return_distance=False)]
+      with np.errstate(all="ignore"):  # All-NaN ratios fall back to the neighbours' norm below.
+        ratio = np.nanmedian(self.ratio[idx], axis=1)
+      own = aperture_r[rows_out]
+      usable = (own > 0) & np.isfinite(ratio)
+      out[rows_out] = np.where(usable, ratio * np.where(usable, own, 1.0),
+                               np.median(self.norm[idx], axis=1))
+    return np.log10(out)
+
+
 class MeanSpectrum:
-  """Baseline (a): one mean spectrum, scaled by the r-band aperture flux."""
+  """Baseline (a): one mean spectrum, scaled by the r-band aperture flux times the median
+  norm-to-aperture ratio of the training galaxies taken through the same fiber."""
 
   def fit(self, train: dict[str, np.ndarray]) -> "MeanSpectrum":
-    flux_norm, norm, valid = _normalised(train)
+    flux_norm, _, valid = _normalised(train)
     self.spectrum = _valid_mean(flux_norm, valid, axis=0)
-    ratio = _flux_ratio(norm, train["aperture_flux"][:, R_BAND])
-    self.ratio = float(np.nanmedian(ratio))
-    self.norm = float(np.median(norm))
+    # Every galaxy of a fiber is a neighbour: the feature space does not matter.
+    self.amplitudes = FiberAmplitudes(np.zeros((len(flux_norm), 1)), train, k=None)
     self.z = float(np.median(train["z"][train["has_z"].astype(bool)]))
     return self
 
   def predict(self, data: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     n = len(data["z"])
-    aperture_r = data["aperture_flux"][:, R_BAND]
-    norm = np.where(aperture_r > 0, self.ratio * aperture_r, self.norm)
-    return _prediction(data, np.tile(self.spectrum, (n, 1)), np.log10(norm),
+    log_norm = self.amplitudes.log_norm(np.zeros((n, 1)), data["fiber_diameter"],
+                                        data["aperture_flux"][:, R_BAND])
+    return _prediction(data, np.tile(self.spectrum, (n, 1)), log_norm,
                        np.full(n, self.z, np.float32))
 
 
@@ -119,9 +167,8 @@ class ColourKNN:
     features = colour_features(train["aperture_flux"])
     self.mean, self.std = features.mean(0), features.std(0) + 1e-6
     self.features = (features - self.mean) / self.std
-    self.flux_norm, norm, self.valid = _normalised(train)
-    self.ratio = _flux_ratio(norm, train["aperture_flux"][:, R_BAND])
-    self.norm = norm
+    self.flux_norm, _, self.valid = _normalised(train)
+    self.amplitudes = FiberAmplitudes(self.features, train, self.k)
     self.z = np.where(train["has_z"].astype(bool), train["z"], np.nan)
     return self
 
@@ -137,13 +184,11 @@ class ColourKNN:
   def predict(self, data: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     idx = self.neighbours(data)
     spectrum = _valid_mean(self.flux_norm[idx], self.valid[idx], axis=1)
-    ratio = np.nanmedian(self.ratio[idx], axis=1)
-    aperture_r = data["aperture_flux"][:, R_BAND]
-    usable = (aperture_r > 0) & np.isfinite(ratio)
-    norm = np.where(usable, ratio * np.where(usable, aperture_r, 1.0),
-                    np.median(self.norm[idx], axis=1))
+    features = (colour_features(data["aperture_flux"]) - self.mean) / self.std
+    log_norm = self.amplitudes.log_norm(features, data["fiber_diameter"],
+                                        data["aperture_flux"][:, R_BAND])
     z = np.nanmedian(self.z[idx], axis=1).astype(np.float32)
-    return _prediction(data, spectrum, np.log10(norm), z)
+    return _prediction(data, spectrum, log_norm, z)
 
 
 # ---------------------------------------------------------------- multi-aperture photometry
@@ -183,8 +228,8 @@ class _Standardiser:
 class NeighbourSpectra:
   """Spectra by the rule of `ColourKNN`, in any standardised feature space.
 
-  The mean normalised spectrum of the k nearest training galaxies (Euclidean), scaled by their
-  median ratio of spectrum norm to r-band 3 arcsec aperture flux times the galaxy's own.
+  The mean normalised spectrum of the k nearest training galaxies (Euclidean), scaled by the
+  `FiberAmplitudes` of the k nearest taken through the galaxy's fiber.
   """
 
   def __init__(self, features: np.ndarray, train: dict[str, np.ndarray], k: int = 10,
@@ -192,25 +237,23 @@ class NeighbourSpectra:
     from sklearn import neighbors  # pylint: disable=g-import-not-at-top
     self.k, self.threads = min(k, len(features)), threads
     self.index = neighbors.NearestNeighbors(n_neighbors=self.k).fit(features)
-    self.flux_norm, self.norm, self.valid = _normalised(train)
-    self.ratio = _flux_ratio(self.norm, train["aperture_flux"][:, R_BAND])
+    self.flux_norm, _, self.valid = _normalised(train)
+    self.amplitudes = FiberAmplitudes(features, train, k, threads)
 
   def neighbours(self, features: np.ndarray) -> np.ndarray:
     """(N, k) indices of the training neighbours of each galaxy, nearest first."""
     with _openmp_threads(self.threads):
       return self.index.kneighbors(features, return_distance=False)
 
-  def predict(self, features: np.ndarray, aperture_r: np.ndarray
+  def predict(self, features: np.ndarray, data: dict[str, np.ndarray]
               ) -> tuple[np.ndarray, np.ndarray]:
-    """(spectrum (N, 4000) normalised, log_norm (N,)) of galaxies with r aperture flux (N,)."""
+    """(spectrum (N, 4000) normalised, log_norm (N,)) of galaxies with standardised `features`
+    (N, F) and `data`'s fiber_diameter and r aperture flux."""
     idx = self.neighbours(features)
     spectrum = _valid_mean(self.flux_norm[idx], self.valid[idx], axis=1)
-    with np.errstate(all="ignore"):  # All-NaN ratios fall back to the neighbours' norm below.
-      ratio = np.nanmedian(self.ratio[idx], axis=1)
-    usable = (aperture_r > 0) & np.isfinite(ratio)
-    norm = np.where(usable, ratio * np.where(usable, aperture_r, 1.0),
-                    np.median(self.norm[idx], axis=1))
-    return spectrum, np.log10(norm)
+    log_norm = self.amplitudes.log_norm(features, data["fiber_diameter"],
+                                        data["aperture_flux"][:, R_BAND])
+    return spectrum, log_norm
 
 
 def _redshift_labels(train: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -252,7 +295,7 @@ class PhotoTrees:
     x = photometric_features(data)
     with _openmp_threads(self.threads):
       z = self.trees.predict(x).astype(np.float32)
-    spectrum, log_norm = self.spectra.predict(self.standardise(x), data["aperture_flux"][:, R_BAND])
+    spectrum, log_norm = self.spectra.predict(self.standardise(x), data)
     return _prediction(data, spectrum, log_norm, z)
 
 
@@ -335,7 +378,7 @@ class PhotoMLP:
   def predict(self, data: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     x = self.standardise(photometric_features(data))
     pdf = self.z_pdf(x)
-    spectrum, log_norm = self.spectra.predict(x, data["aperture_flux"][:, R_BAND])
+    spectrum, log_norm = self.spectra.predict(x, data)
     out = _prediction(data, spectrum, log_norm, pdf_median(pdf, self.z_edges))
     out.update(z_pdf=pdf, z_mean=(pdf @ self.centers).astype(np.float32),
                z_mode=self.centers[np.argmax(pdf, axis=1)])

@@ -31,7 +31,9 @@ jitted over this process's devices (`analysis.predict`); rows are streamed to th
 Output, HDU 1 PREDICTIONS (rows in sorted-id order): specobj_id (the id), ra, dec (deg, centre of
 the first band's WCS; NaN without a celestial WCS), z_mean, z_mode, z_lo, z_hi (the central 68 %
 interval), z_pdf (num_z_bins,) per bin, flux_pred (4000,) in 1e-17 erg/s/cm^2/Angstrom on the
-vacuum observed-frame grid LOGLAM0 + DLOGLAM * i (header cards). HDU 2 Z_EDGES: the bin edges.
+vacuum observed-frame grid LOGLAM0 + DLOGLAM * i (header cards): the light in a fiber of
+`fiber_diameter` (header card FIBERDIA; SDSS 3 arcsec by default, BOSS 2) for a model with
+`fiber_input`. HDU 2 Z_EDGES: the bin edges.
 jax and the model are imported only by `predict_folder`: workers import this module and need
 neither (nor TensorFlow: `examples` is the TF-free half of the astropixel builder; only cutouts
 under a URL bring it in, as epath's gfile backend).
@@ -418,7 +420,8 @@ def rejections_path_for(out_path: str) -> str:
 def predict_folder(workdir: str, images_dir: str, out_path: str, batch_size: int = 64,
                    num_workers: int | None = None, resize: str = "reject",
                    truth: str | None = "auto", step: int | None = None, best: bool = False,
-                   progress: bool = False) -> dict:
+                   progress: bool = False,
+                   fiber_diameter: float = fits_io.SDSS_FIBER_ARCSEC) -> dict:
   """Predicts every galaxy of `images_dir` with the run in `workdir`; writes `out_path`.
 
   Args:
@@ -433,6 +436,8 @@ def predict_folder(workdir: str, images_dir: str, out_path: str, batch_size: int
     truth: a CSV of specobj_id, z (`read_truth`); "auto": `find_truth(images_dir)`; None: none.
     step, best: which checkpoint (`analysis.restore`).
     progress: show a tqdm bar on stderr.
+    fiber_diameter: arcsec, the fiber whose light flux_pred is (one of
+      `fits_io.FIBER_DIAMETERS_ARCSEC`: SDSS 3, BOSS 2).
   Returns:
     the summary: predicted, rejected (counts), out, rejections (paths), reasons {reason: count},
     seconds (wall, from the call), galaxies_per_s (predicted / seconds: start-up, compilation and
@@ -449,6 +454,9 @@ def predict_folder(workdir: str, images_dir: str, out_path: str, batch_size: int
   start = time.perf_counter()
   if resize not in RESIZE_MODES:
     raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
+  if fiber_diameter not in fits_io.FIBER_DIAMETERS_ARCSEC:
+    raise ValueError(f"fiber_diameter must be one of {fits_io.FIBER_DIAMETERS_ARCSEC} arcsec "
+                     f"(BOSS, SDSS), got {fiber_diameter!r}")
   data_config = example_config(analysis.load_config(workdir), workdir)
   jobs, rejections = find_galaxies(images_dir, data_config.bands)
   if not jobs and not rejections:
@@ -481,8 +489,11 @@ def predict_folder(workdir: str, images_dir: str, out_path: str, batch_size: int
     writer = _table_writer(out_path, model, config, id_width,
                            {"WORKDIR": (paths.absolute(workdir), "training run"),
                             "RESIZE": (resize, "cutouts of other sizes: reject or bin"),
-                            "SOFTNMGY": (softening, "[nmgy] asinh softening")})
-    batches = _Batches(model, params, -(-batch_size // ndev) * ndev, writer, truth_z)
+                            "SOFTNMGY": (softening, "[nmgy] asinh softening"),
+                            "FIBERDIA": (float(fiber_diameter),
+                                         "[arcsec] fiber whose light flux_pred is")})
+    batches = _Batches(model, params, -(-batch_size // ndev) * ndev, writer, truth_z,
+                       fiber_diameter if model.fiber_input else None)
     bar = tqdm.tqdm(total=len(jobs), unit="gal", desc="predict", disable=not progress)
     for result in reader:
       reject(result["rejections"])
@@ -523,8 +534,10 @@ class _Batches:
   Keeps (z_mean, z_true) of the galaxies in `truth_z`, and (time, rows written) after each batch.
   """
 
-  def __init__(self, model, params, batch: int, writer: TableWriter, truth_z: dict[str, float]):
+  def __init__(self, model, params, batch: int, writer: TableWriter, truth_z: dict[str, float],
+               fiber_diameter: float | None):
     self.model, self.params, self.batch, self.writer = model, params, batch, writer
+    self.fiber_diameter = fiber_diameter
     self.truth_z = truth_z
     self.compared: list[tuple[float, float]] = []
     self.written_at: list[tuple[float, int]] = []
@@ -555,7 +568,7 @@ class _Batches:
     # One input shape for every call (one compilation): the last batch is zero-padded.
     pad = lambda x: np.concatenate([x[:n], np.zeros((self.batch - n,) + x.shape[1:], x.dtype)])
     pred = analysis.predict(self.model, self.params, pad(image), pad(fluxes),
-                            batch_size=self.batch)
+                            batch_size=self.batch, fiber_diameter=self.fiber_diameter)
     pred = {k: v[:n] for k, v in pred.items()}
     # FITS strings are ASCII; another character in a file name becomes '?'.
     ascii_ids = np.array([i.encode("ascii", "replace") for i in ids])

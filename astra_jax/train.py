@@ -143,7 +143,8 @@ def init_state(config, model, tx, mesh: Mesh) -> TrainState:
   def init(rng):
     dummy = jnp.zeros((1, *image_shape(config)), jnp.float32)
     fluxes = jnp.ones((1, *aperture_fluxes_shape(config)), jnp.float32)
-    params = model.init({"params": rng}, dummy, fluxes, train=False)["params"]
+    fiber = jnp.full((1,), 3.0, jnp.float32)
+    params = model.init({"params": rng}, dummy, fluxes, fiber, train=False)["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
   rng = jax.random.key(config.seed)
   return jax.jit(init, out_shardings=replicated(mesh))(rng)
@@ -183,8 +184,8 @@ def make_train_step(config, model, tx, mesh: Mesh):
 
     def loss_fn(params):
       # Centred circular apertures: the fluxes need no flip or rotation with the image.
-      outputs = model.apply({"params": params}, images, batch["aperture_fluxes"], train=True,
-                            rngs={"dropout": dropout_rng})
+      outputs = model.apply({"params": params}, images, batch["aperture_fluxes"],
+                            batch.get("fiber_diameter"), train=True, rngs={"dropout": dropout_rng})
       # This device's share: num_devices * local sum / global count, so that the pmean of the
       # device losses (and of their gradients) is the loss of the whole global batch.
       return losses.total_loss(outputs, batch, z_weight=config.z_loss_weight,
@@ -244,7 +245,7 @@ def make_loss_grad_norms(config, model, mesh: Mesh):
 
     def parts(shared):
       outputs = model.apply({"params": {**params, **shared}}, batch["image"],
-                            batch["aperture_fluxes"], train=False)
+                            batch["aperture_fluxes"], batch.get("fiber_diameter"), train=False)
       # This device's share of each global part mean, as `losses.total_loss` takes it.
       shares = losses.device_shares(losses.loss_terms(outputs, batch, **options), DATA_AXIS)
       return jnp.stack([weights[k] * shares[k] for k in names])
@@ -268,7 +269,7 @@ def make_eval_step(config, model, mesh: Mesh):
 
   def per_device(params, batch):
     outputs = model.apply({"params": params}, batch["image"], batch["aperture_fluxes"],
-                          train=False)
+                          batch.get("fiber_diameter"), train=False)
     # The redshift term against the same (smoothed) labels as training, so that validation
     # losses pick the best checkpoint by the objective being minimised.
     terms = losses.loss_terms(outputs, batch, **options)

@@ -204,6 +204,7 @@ def synthetic_batch(config, seed: int) -> dict[str, np.ndarray]:
       "image": rng.normal(size=(b, *train.image_shape(config))).astype(np.float16),
       "aperture_fluxes": rng.uniform(1.0, 30.0, size=(b, *train.aperture_fluxes_shape(config))
                                      ).astype(np.float32),
+      "fiber_diameter": rng.choice([2.0, 3.0], size=b).astype(np.float32),
       "flux": (5 + rng.normal(size=(b, grid.NUM_PIXELS))).astype(np.float32),
       "weight": np.ones((b, grid.NUM_PIXELS), np.float32),
       "z": rng.uniform(0.02, 0.5, size=b).astype(np.float32),

@@ -2,13 +2,14 @@ r"""Predict spectra and redshift PDFs for a folder of cutouts (no spectra needed
 
   python -m experiments.predict --workdir runs/baseline --images DIR --out predictions.fits \
       [--batch_size 64] [--num_workers N] [--resize {reject,bin}] [--truth CSV|none] \
-      [--best] [--step N]
+      [--best] [--step N] [--fiber_diameter {3,2}]
 
 DIR (a folder, or a URL: gs://bucket/cutouts) holds `Galaxy_{id}/images/{id}_{band}.fits`
 (ASTROPIXEL) or flat `{id}_{band}.fits`; see `astra_jax.predict` for the table, the rejection file
 (`predictions.rejected.jsonl` beside the output) and `--resize`. With a truth table (`--truth`, or
 DIR/truth.csv or DIR/data.csv having a z column) the redshift sigma_MAD, outlier fraction and
-bias are printed. The last line of stdout is the summary as one JSON object.
+bias are printed. flux_pred is the light in an SDSS 3 arcsec fiber, or a BOSS 2 arcsec one with
+--fiber_diameter=2. The last line of stdout is the summary as one JSON object.
 """
 
 import json
@@ -39,6 +40,8 @@ _TRUTH = flags.DEFINE_string(
     "truth.csv or data.csv when one has a z column; 'none': no comparison.")
 _BEST = flags.DEFINE_bool("best", False, "Use the best (lowest validation loss) checkpoint.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step; default the latest (or best).")
+_FIBER = flags.DEFINE_enum("fiber_diameter", "3", ["3", "2"],
+                           "Arcsec: the fiber whose light the spectrum is (SDSS 3, BOSS 2).")
 
 
 def main(argv):
@@ -50,7 +53,7 @@ def main(argv):
   summary = predict.predict_folder(
       _WORKDIR.value, _IMAGES.value, _OUT.value, batch_size=_BATCH_SIZE.value,
       num_workers=_NUM_WORKERS.value, resize=_RESIZE.value, truth=truth, step=_STEP.value,
-      best=_BEST.value, progress=True)
+      best=_BEST.value, progress=True, fiber_diameter=float(_FIBER.value))
   if summary.get("z_num_truth"):
     print(f"redshift vs {summary['truth']} ({summary['z_num_truth']} galaxies): "
           f"sigma_MAD {summary['z_sigma_mad']:.4f}, outlier fraction "

@@ -100,8 +100,15 @@ def test_predict_matches_collect_predictions(run, test_split):
                                       test_split, mesh, model)
   images = test_split[0]["image"][test_split[0]["mask"]]
   fluxes = test_split[0]["aperture_fluxes"][test_split[0]["mask"]]
+  fibers = test_split[0]["fiber_diameter"][test_split[0]["mask"]]
   # batch_size 3 on 4 devices -> batches of 4: one full batch and one padded with 3 zeros.
-  got = analysis.predict(model, params, images, fluxes, batch_size=3, return_attention=True)
+  got = analysis.predict(model, params, images, fluxes, batch_size=3, return_attention=True,
+                         fiber_diameter=fibers)
+  # The fiber is the spectrum's, asked for: never guessed, and only one the model learnt.
+  with pytest.raises(ValueError, match="pass fiber_diameter"):
+    analysis.predict(model, params, images, fluxes)
+  with pytest.raises(ValueError, match=r"fiber_diameter \[1.5\]"):
+    analysis.predict(model, params, images, fluxes, fiber_diameter=1.5)
   n, num_bins = len(images), model.num_z_bins
   grid_size = config.image_size // config.model.patch_size
   shapes = dict(flux=(n, grid.NUM_PIXELS), spectrum=(n, grid.NUM_PIXELS), log_norm=(n,),

@@ -56,7 +56,7 @@ def test_train_step_augments_only_when_configured():
              "flux": np.ones((b, 4000), np.float32), "weight": np.ones((b, 4000), np.float32),
              "z": np.full(b, 0.1, np.float32), "has_z": np.ones(b, bool),
              "aperture_fluxes": np.full((b, *train.aperture_fluxes_shape(config)), 10.0,
-                                        np.float32)}
+                                        np.float32), "fiber_diameter": np.full(b, 3.0, np.float32)}
     step = train.make_train_step(config, model, tx, mesh)
     _, metrics = step(state, sharding.to_global(batch, mesh), jax.random.key(0))
     return float(metrics["loss"])

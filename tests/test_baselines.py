@@ -10,11 +10,14 @@ from astra_jax import photometry
 
 #: Magnitudes per unit redshift in g,r,i,z,y: galaxies redden with z, so colours measure it.
 _SLOPE = np.array([6.0, 3.0, 1.5, 0.8, 0.0])
+#: Spectrum norm / r-band 3 arcsec aperture flux through a 3 arcsec fiber.
+_RATIO = 3.0
 
 
 def _survey(n, seed):
   """A split of `n` galaxies: grizy colours linear in z (+ 0.01 mag noise per band), Gaussian
-  profiles of random size, spectra whose shape follows z and whose norm is 3 x the r 3" flux."""
+  profiles of random size, spectra whose shape follows z and whose norm is 3 x the r 3" flux
+  through a 3 arcsec fiber, 0.6 x that through a 2 arcsec one (a third of the galaxies)."""
   rng = np.random.default_rng(seed)
   z = rng.uniform(0.02, 0.3, n)
   r_total = rng.uniform(16.0, 18.0, n)
@@ -26,11 +29,13 @@ def _survey(n, seed):
   aperture_r = fluxes[:, baselines.R_BAND, photometry.DIAMETERS_ARCSEC.index(3.0)]
   x = np.linspace(0, 1, grid.NUM_PIXELS)
   shape = 1 + x[None, :] * (1 + 5 * z[:, None])
-  flux = 3.0 * aperture_r[:, None] * shape / shape.mean(axis=1, keepdims=True)
+  fiber = np.where(rng.uniform(size=n) < 1 / 3, 2.0, 3.0)
+  ratio = np.where(fiber == 2.0, 0.6 * _RATIO, _RATIO)
+  flux = ratio[:, None] * aperture_r[:, None] * shape / shape.mean(axis=1, keepdims=True)
   return {"flux": flux.astype(np.float32), "weight": np.ones_like(flux, np.float32),
           "aperture_flux": fluxes[:, :, 1].astype(np.float32),
           photometry.KEY: fluxes.astype(np.float32), "z": z.astype(np.float32),
-          "has_z": np.ones(n, bool)}
+          "has_z": np.ones(n, bool), "fiber_diameter": fiber.astype(np.float32)}
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +88,7 @@ def test_neighbour_spectra_of_the_training_galaxies_are_their_own(survey):
   features = baselines.photometric_features(train)
   spectra = baselines.NeighbourSpectra(features, train, k=1)
   np.testing.assert_array_equal(spectra.neighbours(features[:10])[:, 0], np.arange(10))
-  spectrum, log_norm = spectra.predict(features[:10], train["aperture_flux"][:10, 1])
+  spectrum, log_norm = spectra.predict(features[:10], {k: v[:10] for k, v in train.items()})
   np.testing.assert_allclose(spectrum * 10.0 ** log_norm[:, None], train["flux"][:10],
                              rtol=1e-4)
 
@@ -100,3 +105,33 @@ def test_a_dataset_without_aperture_fluxes_is_refused_clearly(survey):
   for model in (baselines.PhotoTrees(), baselines.PhotoMLP()):
     with pytest.raises(KeyError, match="aperture_fluxes"):
       model.fit(train)
+
+
+def _true_log_norm(data):
+  return np.log10(np.mean(data["flux"], axis=1))
+
+
+@pytest.mark.parametrize("make", [baselines.MeanSpectrum, baselines.ColourKNN,
+                                  baselines.PhotoTrees])
+def test_each_baseline_takes_its_amplitude_from_galaxies_of_the_same_fiber(survey, make):
+  train, test = survey
+  assert set(np.unique(test["fiber_diameter"])) == {2.0, 3.0}
+  pred = make().fit(train).predict(test)
+  # The ratio is one number per fiber here, so the same-fiber median recovers each norm; one
+  # median over both fibers would be off by log10(0.6) = -0.22 dex for one of them.
+  np.testing.assert_allclose(pred["log_norm"], _true_log_norm(test), atol=1e-4)
+  swapped = dict(test, fiber_diameter=5.0 - test["fiber_diameter"])
+  shift = make().fit(train).predict(swapped)["log_norm"] - pred["log_norm"]
+  np.testing.assert_allclose(shift, np.where(test["fiber_diameter"] == 2.0, 1, -1)
+                             * -np.log10(0.6), atol=1e-4)
+
+
+def test_a_fiber_no_training_galaxy_had_takes_neighbours_among_all(survey):
+  train, test = survey
+  features = baselines.photometric_features(train)
+  amplitudes = baselines.FiberAmplitudes(features, train, k=len(features))
+  log_norm = amplitudes.log_norm(baselines.photometric_features(test)[:3], np.full(3, 1.5),
+                                 test["aperture_flux"][:3, baselines.R_BAND])
+  all_ratio = np.median(10 ** _true_log_norm(train) / train["aperture_flux"][:, baselines.R_BAND])
+  np.testing.assert_allclose(
+      log_norm, np.log10(all_ratio * test["aperture_flux"][:3, baselines.R_BAND]), rtol=1e-5)

@@ -62,7 +62,8 @@ def _fake_split(n, rng):
   aperture = np.tile(norm[:, None] / 3.0, (1, 5)) * 10 ** (-0.4 * z[:, None] * (np.arange(5) - 1))
   return {"flux": (norm[:, None] * shape[None] / shape.mean()).astype(np.float32),
           "weight": np.ones((n, grid.NUM_PIXELS), np.float32),
-          "aperture_flux": aperture.astype(np.float32), "z": z, "has_z": np.ones(n, bool)}
+          "aperture_flux": aperture.astype(np.float32), "z": z, "has_z": np.ones(n, bool),
+          "fiber_diameter": np.full(n, 3.0, np.float32)}
 
 
 def test_mean_spectrum_baseline_scales_by_the_r_aperture():

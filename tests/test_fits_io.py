@@ -133,6 +133,15 @@ def test_read_catalog_quoted_and_unquoted(tmp_path):
   assert len(rows) == 3
 
 
+def test_fiber_diameter_follows_the_spectrograph_of_the_mjd():
+  # SDSS-II's last plates (July 2008) through 3 arcsec fibers; BOSS (from December 2009) 2.
+  sdss = fits_io.CatalogRow(2974, 54592, 10, SID, 0.0, 0.0)
+  boss = fits_io.CatalogRow(3586, 55181, 10, SID, 0.0, 0.0)
+  assert (sdss.fiber_diameter, boss.fiber_diameter) == (3.0, 2.0)
+  assert fits_io.fiber_diameter_arcsec(fits_io.BOSS_FIRST_MJD - 1) == 3.0
+  assert fits_io.fiber_diameter_arcsec(fits_io.BOSS_FIRST_MJD) == 2.0
+
+
 def test_read_catalog_without_z_column(tmp_path):
   path = tmp_path / "data.csv"
   path.write_text("#plate,mjd,fiberid,specobj_id,ra,dec\n266,51630,1,'1234',10.0,20.0\n")

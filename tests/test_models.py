@@ -463,6 +463,32 @@ def test_binned_amplitude_reads_the_pdf_estimate_on_top_of_its_anchor():
     Astra(**TINY, amplitude="aperture", amplitude_bins=40, amplitude_estimate="max")
 
 
+def test_fiber_input_moves_the_amplitude_alone():
+  images, fluxes = _images(), _aperture_fluxes()
+  model = Astra(**TINY, photometry_to_heads=True, amplitude="aperture_spectrum",
+                amplitude_bins=40, fiber_input=True)
+  sdss, boss = jnp.full((2,), 3.0), jnp.full((2,), 2.0)
+  params = _init(model, images, fluxes, sdss, train=False)
+  assert params["fiber"]["kernel"].shape == (1, 2 * TINY["dim"])
+  out = model.apply({"params": params}, images, fluxes, sdss, train=False)
+  other = model.apply({"params": params}, images, fluxes, boss, train=False)
+  # The amplitude's PDF reads the fiber; the redshift and the spectrum's shape do not.
+  assert float(jnp.max(jnp.abs(other["log_norm_logits"] - out["log_norm_logits"]))) > 1e-4
+  for key in ("z_logits", "spectrum", "log_norm_anchor"):
+    np.testing.assert_array_equal(other[key], out[key])
+  # Its input is the summary plus (diameter - 2.5 arcsec) times a learnt vector: none at 2.5.
+  no_fiber = dict(params, fiber=dict(kernel=jnp.zeros_like(params["fiber"]["kernel"])))
+  middle = model.apply({"params": params}, images, fluxes, jnp.full((2,), 2.5), train=False)
+  np.testing.assert_allclose(
+      middle["log_norm_logits"],
+      model.apply({"params": no_fiber}, images, fluxes, sdss, train=False)["log_norm_logits"],
+      atol=1e-6)
+  with pytest.raises(ValueError, match="fiber_diameter"):
+    model.apply({"params": params}, images, fluxes, train=False)
+  with pytest.raises(ValueError, match="amplitude_bins"):
+    Astra(**TINY, amplitude="aperture", fiber_input=True)
+
+
 def test_photometry_embed_reads_the_baselines_standardised_features():
   fluxes = np.array(_aperture_fluxes(batch=3, seed=4))
   fluxes[2, 4, 4] = np.nan                                 # NaN counts as a floored flux.

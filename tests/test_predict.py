@@ -122,8 +122,9 @@ def test_folder_predictions_match_the_prepared_dataset(workdir, tiny_dataset, ra
       images.append(batch["image"][mask])
       fluxes.append(batch["aperture_fluxes"][mask])
       coords.append(np.stack([batch["ra"][mask], batch["dec"][mask]], axis=1))
+  # The table's spectra are the light in an SDSS 3 arcsec fiber unless asked for another.
   want = analysis.predict(model, params, np.concatenate(images), np.concatenate(fluxes),
-                          batch_size=BATCH)
+                          batch_size=BATCH, fiber_diameter=3.0)
   coords = np.concatenate(coords)
   assert sorted(ids) == sorted(survey_ids(raw_dir)) == sorted(rows) and len(ids) == 24
   assert list(rows) == sorted(rows)  # Rows in id order.
@@ -163,8 +164,30 @@ def test_table_layout(workdir, raw_dir, full):
   assert units["flux_pred"] == "1e-17 erg/s/cm^2/Angstrom" and units["ra"] == "deg"
   assert (header["LOGLAM0"], header["DLOGLAM"], header["NPIX"]) == (3.58, 1e-4, 4000)
   assert header["BANDS"] == "g,r,i,z,y" and header["IMGSIZE"] == 32 and header["RESIZE"] == "reject"
+  assert header["FIBERDIA"] == 3.0
   np.testing.assert_allclose(edges, np.linspace(0, 0.6, 31))
   assert summary["rejections"] == summary["out"].replace(".fits", ".rejected.jsonl")
+
+
+def test_the_fiber_asked_for_scales_the_spectra_alone(workdir, raw_dir, full, tmp_path):
+  _, sdss = full
+  ids = survey_ids(raw_dir)[:4]
+  folder = str(tmp_path / "four")
+  copy_images(raw_dir, ids, folder)
+  out = str(tmp_path / "boss.fits")
+  predict.predict_folder(workdir, folder, out, batch_size=BATCH, num_workers=0,
+                         fiber_diameter=2.0)
+  boss, header, _, _ = read_table(out)
+  assert header["FIBERDIA"] == 2.0
+  for i in ids:
+    # One amplitude per galaxy: the BOSS spectrum is the SDSS one times a factor.
+    ratio = boss[i]["flux_pred"] / sdss[i]["flux_pred"]
+    np.testing.assert_allclose(ratio, np.median(ratio), rtol=1e-4)
+    assert abs(np.log10(np.median(ratio))) > 1e-4
+    for name in ("z_pdf", "z_mean"):
+      np.testing.assert_allclose(boss[i][name], sdss[i][name], rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="fiber_diameter must be one of"):
+    predict.predict_folder(workdir, folder, out, num_workers=0, fiber_diameter=1.5)
 
 
 def write_like(path, template, data):

@@ -153,9 +153,9 @@ def test_stored_examples_match_the_raw_files(survey):
   spec = ds.element_spec
   assert spec["image"].shape == (5, 32, 32) and spec["flux"].shape == (grid.NUM_PIXELS,)
   assert {k for k in spec} == {"image", "flux", "weight", "z", "has_z", "specobj_id", "ra", "dec",
-                               "aperture_flux", "aperture_fluxes"}
+                               "aperture_flux", "aperture_fluxes", "fiber_diameter"}
   assert spec["aperture_fluxes"].shape == (5, len(photometry.DIAMETERS_ARCSEC))
-  assert str(builder.info.version) == astropixel.CALIBRATED_VERSION == "2.0.0"
+  assert str(builder.info.version) == astropixel.FIBER_VERSION == "2.1.0"
   meta = builder.info.metadata
   softening = preprocess.ps1_softening_nmgy(grid.PS1_BANDS, 2.5)
   assert meta["softening_nmgy"] == list(softening) and meta["softening_sigmas"] == 2.5
@@ -164,6 +164,7 @@ def test_stored_examples_match_the_raw_files(survey):
   with open(os.path.join(survey["raw"], "truth.csv")) as f:
     truths = {row["specobj_id"].strip("'"): row for row in csv.DictReader(f)}
   checked = 0
+  fibers = set()
   for ex in tfds.as_numpy(ds):
     specobj_id = ex["specobj_id"].decode()
     galaxy_dir = os.path.join(survey["raw"], f"Galaxy_{specobj_id}")
@@ -180,6 +181,9 @@ def test_stored_examples_match_the_raw_files(survey):
     assert ex["ra"] == row.ra and ex["dec"] == row.dec
     images, headers = fits_io.read_images(galaxy_dir, specobj_id)
     truth = truths[specobj_id]
+    # The fiber, from the catalogue's MJD, is the one the mock took the spectrum through.
+    assert ex["fiber_diameter"] == float(truth["fiber_diameter_arcsec"]) == row.fiber_diameter
+    fibers.add(float(ex["fiber_diameter"]))
     # The stored 3 arcsec aperture equals the same measurement on the raw cutouts, and against the
     # mock's truth fiber magnitude (through the fiber's own diameter and the spectrograph's seeing,
     # broader than the image PSF) it holds at least as much light, within 0.6 mag.
@@ -205,6 +209,7 @@ def test_stored_examples_match_the_raw_files(survey):
     assert np.all(np.sqrt(np.mean(error**2, axis=(1, 2))) < 1e-2 * sky_noise), sky_noise
     checked += 1
   assert checked == survey["result"]["written"]["train"]
+  assert fibers == {2.0, 3.0}
 
 
 def _aperture_colours(fluxes):
@@ -241,14 +246,16 @@ def test_aperture_colours_from_the_stored_input_equal_the_catalogue(survey):
     assert np.all(np.abs(error) < 2e-3), (specobj_id, error)
 
 
-def _aged(dataset_dir, dest, version="1.2.0"):
-  """A copy of a prepared dataset made to look like astropixel `version` (before calibration):
-  that version, and the metadata it wrote (stretch_beta, no softening)."""
+def _aged(dataset_dir, dest, version="1.2.0", calibrated=False):
+  """A copy of a prepared dataset made to look like astropixel `version`: that version, and
+  unless `calibrated` the metadata it wrote before calibration (stretch_beta, no softening)."""
   shutil.copytree(dataset_dir, dest)
   info_path = os.path.join(dest, "dataset_info.json")
   info = json.load(open(info_path))
   info["version"] = version
   json.dump(info, open(info_path, "w"))
+  if calibrated:
+    return str(dest)
   meta_path = os.path.join(dest, "metadata.json")
   meta = json.load(open(meta_path))
   for key in ("softening_nmgy", "softening_sigmas", "sky_sigma_nmgy", "image_unit"):
@@ -273,6 +280,11 @@ def test_training_refuses_an_uncalibrated_dataset_and_says_how_to_prepare_it(sur
   # A calibrated version whose metadata lacks the softening is refused too.
   aged = _aged(dataset_dir, tmp_path / "other", version=astropixel.CALIBRATED_VERSION)
   with pytest.raises(ValueError, match="uncalibrated"):
+    datasets.check_dataset(config, aged)
+  # A calibrated one from before the fiber was stored is refused with its own reason.
+  aged = _aged(dataset_dir, tmp_path / "fiberless", version=astropixel.CALIBRATED_VERSION,
+               calibrated=True)
+  with pytest.raises(ValueError, match="has no fiber_diameter.*python -m astra_jax.data.prepare"):
     datasets.check_dataset(config, aged)
   config.softening_sigmas = 1.0
   with pytest.raises(ValueError, match="softening_sigmas=2.5"):

@@ -52,6 +52,7 @@ def fake_batch(config, seed=0):
       "image": rng.normal(size=(b, *train.image_shape(config))).astype(np.float32),
       "aperture_fluxes": rng.uniform(1.0, 30.0, size=(b, *train.aperture_fluxes_shape(config))
                                      ).astype(np.float32),
+      "fiber_diameter": np.where(np.arange(b) % 3 == 0, 2.0, 3.0).astype(np.float32),
       "flux": (5 + rng.normal(size=(b, grid.NUM_PIXELS))).astype(np.float32),
       "weight": weight,
       "z": rng.uniform(0.02, 0.4, size=b).astype(np.float32),
@@ -109,7 +110,7 @@ def test_loss_grad_norms_are_each_parts_gradient_on_the_shared_layers():
 
   def part(shared, name):  # The part as training weighs it, on the whole batch, one device.
     outputs = model.apply({"params": {**params, **shared}}, batch["image"],
-                          batch["aperture_fluxes"], train=False)
+                          batch["aperture_fluxes"], batch["fiber_diameter"], train=False)
     _, parts = losses.combine_terms(
         losses.loss_terms(outputs, batch, **train.loss_options(config, model)), z_weight=2.0,
         norm_weight=0.0)
@@ -408,7 +409,8 @@ def test_train_step_computes_the_bf16_model_as_written():
       state, sharding.to_global(batch, mesh), jax.random.key(config.seed))
   with jax.disable_jit():
     outputs = model.apply({"params": params}, jnp.asarray(batch["image"]),
-                          jnp.asarray(batch["aperture_fluxes"]), train=True)
+                          jnp.asarray(batch["aperture_fluxes"]),
+                          jnp.asarray(batch["fiber_diameter"]), train=True)
     loss, _ = losses.total_loss(outputs, batch, z_weight=config.z_loss_weight,
                                 norm_weight=config.norm_loss_weight,
                                 **train.loss_options(config, model))

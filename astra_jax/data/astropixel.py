@@ -43,6 +43,9 @@ SPLITS = ("train", "validation", "test")
 #: The first version whose images are calibrated (nanomaggies, a fixed softening per band):
 #: training and prediction refuse datasets prepared before it.
 CALIBRATED_VERSION = "2.0.0"
+#: The first version that stores each spectrum's `fiber_diameter`, which the model's amplitude
+#: head and the baselines' amplitudes read: training refuses older datasets too.
+FIBER_VERSION = "2.1.0"
 # Galaxies submitted to the reader pool and not yet written, per reader process: enough that no
 # reader waits for the next job, few enough that finished examples (~0.9 MB each at 288 px) never
 # pile up in memory behind a slower writer.
@@ -164,6 +167,8 @@ class Astropixel(tfds.core.GeneratorBasedBuilder):
   constant: softening_sigmas x the PS1 median sky noise per pixel (`preprocess.stretch`).
   Datasets before version 2.0.0 (CALIBRATED_VERSION) divided each band by its cutout's own sky
   sigma instead, ignoring the zero point; training refuses them (`datasets.check_dataset`).
+  `fiber_diameter` () float32: arcsec, the fiber that took the spectrum (SDSS 3, BOSS 2; from
+  the catalogue's MJD, `fits_io.fiber_diameter_arcsec`); since 2.1.0 (FIBER_VERSION).
   `aperture_flux` (bands,) float32: nanomaggies in the SDSS fiber's 3 arcsec diameter, measured on
   the linear cutouts (for colour baselines; AB mag = 22.5 - 2.5 log10 f).
   `aperture_fluxes` (bands, 5) float32: nanomaggies in the 1.5, 3, 6, 10 and 20 arcsec diameters
@@ -174,7 +179,7 @@ class Astropixel(tfds.core.GeneratorBasedBuilder):
   it, 1 inside the measured range where it has not, 0 outside, masked or non-finite.
   """
 
-  VERSION = tfds.core.Version(CALIBRATED_VERSION)
+  VERSION = tfds.core.Version(FIBER_VERSION)
   RELEASE_NOTES = {"1.0.0": "First release.",
                    "1.1.0": "image, flux, weight stored as raw bytes (~200x faster to write).",
                    "1.2.0": "image stored as float16 (half the bytes to read per example).",
@@ -184,7 +189,10 @@ class Astropixel(tfds.core.GeneratorBasedBuilder):
                             "the cutout's own sky sigma and ignored the zero point (colours "
                             "off by a random 0.15-0.18 mag, the flux scale lost); a band "
                             "without a zero point is rejected; aperture_fluxes (bands, 5) "
-                            "added."}
+                            "added.",
+                   "2.1.0": "fiber_diameter (arcsec) of the spectrum's fiber added: SDSS 3, "
+                            "BOSS 2, from the MJD. The spectrum's amplitude is the light in that "
+                            "fiber."}
   BUILDER_CONFIGS = [make_config(), make_config(image_size=96)]
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
       "Point manual_dir (prepare's --raw_dir) at a folder in ASTROPIXEL layout: data.csv and "
@@ -231,6 +239,8 @@ class Astropixel(tfds.core.GeneratorBasedBuilder):
             "z": tfds.features.Scalar(dtype=np.float32, doc="spectroscopic redshift"),
             "has_z": tfds.features.Scalar(dtype=np.bool_),
             "specobj_id": tfds.features.Text(),
+            "fiber_diameter": tfds.features.Scalar(
+                dtype=np.float32, doc="arcsec, the spectrum's fiber: SDSS 3, BOSS 2 (from MJD)"),
             # tf.train.Example floats are 32-bit; raw bytes keep float64 coordinates exact.
             "ra": tfds.features.Tensor(shape=(), dtype=np.float64, doc="degrees, ICRS",
                                        encoding=raw),

@@ -78,8 +78,9 @@ def _prepare(config, workdir: str, generate: bool = True) -> str:
 def check_dataset(config, dataset_dir: str):
   """Raises ValueError when the dataset's stored preprocessing is not the one `config` asks for:
   a dataset prepared before `astropixel.CALIBRATED_VERSION` (images not calibrated: each band
-  divided by its cutout's own sky sigma, zero points ignored), with the command that prepares
-  it again; or other bands, image_size or softening."""
+  divided by its cutout's own sky sigma, zero points ignored) or before
+  `astropixel.FIBER_VERSION` (no fiber_diameter), with the command that prepares it again; or
+  other bands, image_size or softening."""
   # pylint: disable=g-import-not-at-top (TensorFlow)
   from astra_jax.data import astropixel
   from astra_jax.data import pipeline
@@ -87,16 +88,23 @@ def check_dataset(config, dataset_dir: str):
   import tensorflow_datasets as tfds
   info = pipeline.load_builder(dataset_dir).info
   meta = info.metadata or {}
-  if (tfds.core.Version(str(info.version)) < tfds.core.Version(astropixel.CALIBRATED_VERSION)
-      or "softening_nmgy" not in meta):
+  version = tfds.core.Version(str(info.version))
+  if version < tfds.core.Version(astropixel.CALIBRATED_VERSION) or "softening_nmgy" not in meta:
+    why = (f"holds uncalibrated images (each band divided by its cutout's own sky sigma, zero "
+           f"points ignored); training needs version >= {astropixel.CALIBRATED_VERSION} "
+           f"(nanomaggies, a fixed softening per band)")
+  elif version < tfds.core.Version(astropixel.FIBER_VERSION):
+    why = (f"has no fiber_diameter (the spectrum's fiber, which the amplitude is the light "
+           f"in); training needs version >= {astropixel.FIBER_VERSION}")
+  else:
+    why = None
+  if why:
     raw_dir = config.raw_dir or "RAW_DIR"
     # prepare's dataset_dir is DATA_DIR/astropixel/CONFIG/VERSION.
     parts = paths.absolute(dataset_dir).rstrip("/").split("/")
     data_dir = "/".join(parts[:-3]) if parts[-3:-2] == ["astropixel"] else "DATA_DIR"
     raise ValueError(
-        f"{dataset_dir}: astropixel {info.version} holds uncalibrated images (each band divided "
-        f"by its cutout's own sky sigma, zero points ignored); training needs version "
-        f">= {astropixel.CALIBRATED_VERSION} (nanomaggies, a fixed softening per band). Prepare "
+        f"{dataset_dir}: astropixel {info.version} {why}. Prepare "
         f"it again from the raw folder: python -m astra_jax.data.prepare --raw_dir {raw_dir} "
         f"--data_dir {data_dir} --bands {config.bands} --image_size {config.image_size} "
         f"--softening_sigmas {config.softening_sigmas:g}, and point --config.data_dir at the "

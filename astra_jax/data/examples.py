@@ -115,6 +115,7 @@ def galaxy_example(galaxy_dir: str, row: fits_io.CatalogRow, config) -> dict:
       "z": np.float32(z if has_z else 0.0),
       "has_z": has_z,
       "specobj_id": row.specobj_id,
+      "fiber_diameter": np.float32(row.fiber_diameter),
       "ra": np.float64(row.ra),
       "dec": np.float64(row.dec),
   }

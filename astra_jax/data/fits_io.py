@@ -58,6 +58,13 @@ REASONS = (MISSING_FILE, MISSING_BAND, UNREADABLE_FITS, NO_IMAGE, WRONG_SHAPE,
            UNKNOWN_COLUMNS, BAD_ROW)
 
 CATALOG_COLUMNS = ("plate", "mjd", "fiberid", "specobj_id", "ra", "dec")  # + optional "z"
+#: Spectra taken on or after this MJD come from the BOSS spectrographs (2 arcsec fibers; first
+#: light December 2009, MJD ~55170); before it, from the SDSS ones (3 arcsec; the last SDSS-II
+#: plates were observed in July 2008, MJD ~54660).
+BOSS_FIRST_MJD = 55000
+#: Fiber diameters (arcsec) of the SDSS and BOSS spectrographs: `fiber_diameter_arcsec`.
+SDSS_FIBER_ARCSEC, BOSS_FIBER_ARCSEC = 3.0, 2.0
+FIBER_DIAMETERS_ARCSEC = (BOSS_FIBER_ARCSEC, SDSS_FIBER_ARCSEC)
 SPECTRUM_CSV_COLUMNS = ("wavelength", "flux")  # + optional "ivar", "and_mask"
 _SPECTRUM_CSV_OPTIONAL = ("ivar", "and_mask")
 
@@ -96,6 +103,17 @@ class CatalogRow:
   @property
   def has_z(self) -> bool:
     return math.isfinite(self.z)
+
+  @property
+  def fiber_diameter(self) -> float:
+    """Diameter (arcsec) of the fiber that took the spectrum: `fiber_diameter_arcsec(mjd)`."""
+    return fiber_diameter_arcsec(self.mjd)
+
+
+def fiber_diameter_arcsec(mjd: int) -> float:
+  """The spectrograph's fiber diameter (arcsec) on `mjd`: BOSS 2 on or after `BOSS_FIRST_MJD`,
+  SDSS 3 before it."""
+  return BOSS_FIBER_ARCSEC if mjd >= BOSS_FIRST_MJD else SDSS_FIBER_ARCSEC
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -54,6 +54,9 @@ SPECTRUM_R_FLOOR_NMGY = 0.35
 #: f_lambda of 1 nanomaggy at the PS1 r pivot wavelength (6156 Angstrom), in
 #: 1e-17 erg/s/cm^2/Angstrom: 3.631e-29 erg/s/cm^2/Hz x c / lambda^2.
 NMGY_TO_FLAM_R = 0.2873
+#: `fiber_input`: the amplitude head reads (fiber_diameter - this) arcsec, +-0.5 for the SDSS
+#: 3 and BOSS 2 arcsec fibers.
+FIBER_REFERENCE_ARCSEC = 2.5
 
 
 def patch_grid(image_hw: Tuple[int, int], patch_size: int) -> Tuple[int, int]:
@@ -278,8 +281,9 @@ def pdf_median(pdf: jax.Array, centers: jax.Array) -> jax.Array:
 class Astra(nn.Module):
   """The full model; defaults are the seed's (dim 1280, 6 layers, 8 heads, 16-pixel patches).
 
-  `__call__(images (B, bands, H, W), aperture_fluxes (B, bands, 5) or None, *, train,
-  return_attention=False)` returns a dict of float32:
+  `__call__(images (B, bands, H, W), aperture_fluxes (B, bands, 5) or None,
+  fiber_diameter (B,) arcsec or None, *, train, return_attention=False)` returns a dict of
+  float32:
     spectrum (B, num_pixels): the normalised spectrum (flux / norm),
     log_norm (B,): log10(norm / (1e-17 erg/s/cm^2/Angstrom)): the head's output, plus
       `aperture_log_norm(aperture_fluxes)` with amplitude="aperture" or
@@ -311,6 +315,11 @@ class Astra(nn.Module):
   on the mock), and which fiber a galaxy got is barely predictable from its images: a PDF can
   hold both modes where a regression of the mean or median is one number that must land
   between or in them (docs/science.md, lever (j)).
+  `fiber_input` (needs amplitude_bins): the amplitude head also reads `fiber_diameter`, the fiber
+  whose light the spectrum is (the dataset's, or the one a user asks `predict` for): a learnt
+  vector times (fiber_diameter - FIBER_REFERENCE_ARCSEC) is added to its input. The redshift
+  head and the spectrum decoder do not read it (which fiber took a spectrum depends on z in the
+  surveys' targeting, a selection a redshift estimate must not use).
   """
   patch_size: int = 16
   dim: int = 1280
@@ -331,6 +340,7 @@ class Astra(nn.Module):
   amplitude: str = "head"
   amplitude_bins: int = 0
   amplitude_estimate: str = "median"
+  fiber_input: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -341,6 +351,9 @@ class Astra(nn.Module):
     if self.amplitude_bins and self.amplitude == "head":
       raise ValueError("amplitude_bins > 0 bins a correction to an aperture anchor: it needs "
                        "amplitude 'aperture' or 'aperture_spectrum', not 'head'")
+    if self.fiber_input and not self.amplitude_bins:
+      raise ValueError("fiber_input feeds the fiber to the binned amplitude head: it needs "
+                       "amplitude_bins > 0")
     if self.amplitude_estimate not in AMPLITUDE_ESTIMATES:
       raise ValueError(f"amplitude_estimate must be one of {AMPLITUDE_ESTIMATES}, "
                        f"got {self.amplitude_estimate!r}")
@@ -383,11 +396,15 @@ class Astra(nn.Module):
     return amplitude_bin_centers(self.amplitude_bins)
 
   @nn.compact
-  def __call__(self, images: jax.Array, aperture_fluxes: Optional[jax.Array] = None, *,
-               train: bool, return_attention: bool = False) -> Dict[str, jax.Array]:
+  def __call__(self, images: jax.Array, aperture_fluxes: Optional[jax.Array] = None,
+               fiber_diameter: Optional[jax.Array] = None, *, train: bool,
+               return_attention: bool = False) -> Dict[str, jax.Array]:
     if self.uses_photometry and aperture_fluxes is None:
       raise ValueError("this model (photometry_token or an aperture amplitude) needs "
                        "aperture_fluxes (B, bands, 5) nanomaggies: photometry.aperture_fluxes")
+    if self.fiber_input and fiber_diameter is None:
+      raise ValueError("this model (fiber_input) needs fiber_diameter (B,) arcsec: the fiber "
+                       "whose light the predicted spectrum is (SDSS 3, BOSS 2)")
     grid_shape = patch_grid(images.shape[2:], self.patch_size)
     tokens = PatchCNN(self.patch_size, self.dim, self.patch_embedding, tuple(self.cnn_features),
                       dtype=self.dtype, param_dtype=self.param_dtype, name="embed")(images)
@@ -414,9 +431,17 @@ class Astra(nn.Module):
                                      log_norm=not self.amplitude_bins, dtype=self.dtype,
                                      param_dtype=self.param_dtype, name="decoder")(summary)
     if self.amplitude_bins:
+      amplitude_input = summary
+      if self.fiber_input:
+        # The amplitude is the light in the spectrum's fiber: on the mock the 2 arcsec BOSS
+        # fiber sees 0.24 dex less of it than the 3 arcsec SDSS one (docs/science.md, lever (k)).
+        offset = (jnp.asarray(fiber_diameter, jnp.float32) - FIBER_REFERENCE_ARCSEC)[:, None]
+        amplitude_input = summary + nn.Dense(
+            summary.shape[-1], use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+            name="fiber")(offset.astype(summary.dtype))
       # Its own hidden layer: sharing the decoder's cost the spectrum R^2 (docs/science.md).
       head = RedshiftHead(self.amplitude_bins, dtype=self.dtype, param_dtype=self.param_dtype,
-                          name="amplitude")(summary)
+                          name="amplitude")(amplitude_input)
     if self.amplitude == "aperture":
       anchor = aperture_log_norm(aperture_fluxes)
     elif self.amplitude == "aperture_spectrum":

@@ -121,6 +121,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # only (docs/science.md, lever (j)). amplitude_bins 0: a regression.
   c.model.amplitude_bins = 200
   c.model.amplitude_estimate = "median"
+  # ... for the fiber the spectrum was taken through (SDSS 3, BOSS 2 arcsec; the dataset's
+  # fiber_diameter, from the MJD; predict's --fiber_diameter), which the amplitude head reads:
+  # the light a fiber holds is a question of the fiber (docs/science.md, lever (k)).
+  c.model.fiber_input = True
 
   if arg == "seed":
     c.image_size = 288

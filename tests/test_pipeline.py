@@ -16,7 +16,10 @@ def batches(dataset_dir, n, **kwargs):
 
 def test_shapes_and_dtypes(tiny_dataset):
   (batch,) = batches(tiny_dataset, 1)
-  assert set(batch) == {"image", "aperture_fluxes", "flux", "weight", "z", "has_z"}
+  assert set(batch) == {"image", "aperture_fluxes", "fiber_diameter", "flux", "weight", "z",
+                        "has_z"}
+  assert batch["fiber_diameter"].shape == (4,) and batch["fiber_diameter"].dtype == np.float32
+  assert set(np.unique(batch["fiber_diameter"])) <= {2.0, 3.0}
   assert batch["aperture_fluxes"].shape == (4, 5, 5) and batch["aperture_fluxes"].dtype == np.float32
   assert batch["image"].shape == (4, 5, 32, 32) and batch["image"].dtype == np.float16
   assert batch["flux"].shape == batch["weight"].shape == (4, 4000)

@@ -89,39 +89,44 @@ class FiberAmplitudes:
   A fiber of 2 arcsec (BOSS) holds ~0.24 dex less of a mock galaxy's light than one of 3
   (SDSS). Each fiber has its own neighbour index; a galaxy whose fiber no training galaxy had
   takes its neighbours among all of them. Without a usable ratio or aperture flux (NaN, <= 0),
-  the neighbours' median norm. k=None: every training galaxy of the fiber (`MeanSpectrum`).
+  the neighbours' median norm. k=None: every training galaxy of the fiber, whatever the
+  features (`MeanSpectrum`; `features` may then be None).
   """
 
-  def __init__(self, features: np.ndarray, train: dict[str, np.ndarray], k: int | None = 10,
-               threads: int | None = 1):
+  def __init__(self, features: np.ndarray | None, train: dict[str, np.ndarray],
+               k: int | None = 10, threads: int | None = 1):
     from sklearn import neighbors  # pylint: disable=g-import-not-at-top
     self.threads = threads
     _, self.norm, _ = _normalised(train)
     self.ratio = _flux_ratio(self.norm, train["aperture_flux"][:, R_BAND])
     fiber = train["fiber_diameter"]
-    self.groups = {}  # fiber (arcsec, or None: all) -> (training rows, index over them)
+    self.groups = {}  # fiber (arcsec, or None: all) -> (training rows, their index or None)
     for key, rows in [(None, np.arange(len(fiber)))] + [
         (float(f), np.flatnonzero(fiber == f)) for f in np.unique(fiber)]:
-      n = len(rows) if k is None else min(k, len(rows))
-      self.groups[key] = rows, neighbors.NearestNeighbors(n_neighbors=n).fit(features[rows])
+      index = None if k is None else neighbors.NearestNeighbors(
+          n_neighbors=min(k, len(rows))).fit(features[rows])
+      self.groups[key] = rows, index
 
-  def log_norm(self, features: np.ndarray, fiber_diameter: np.ndarray, aperture_r: np.ndarray
-               ) -> np.ndarray:
+  def log_norm(self, features: np.ndarray | None, fiber_diameter: np.ndarray,
+               aperture_r: np.ndarray) -> np.ndarray:
     """(N,) log10(norm / 1e-17 erg/s/cm^2/A) of galaxies with standardised `features` (N, F),
     spectra taken through `fiber_diameter` (N,) arcsec, r aperture flux (N,) nanomaggies."""
-    out = np.empty(len(features), np.float64)
     fiber = np.asarray(fiber_diameter, np.float64)
+    out = np.empty(len(fiber), np.float64)
     for f in np.unique(fiber):
       rows_out = np.flatnonzero(fiber == f)
       rows, index = self.groups.get(float(f), self.groups[None])
-      with _openmp_threads(self.threads):
-        idx = rows[index.kneighbors(features[rows_out], return_distance=False)]
+      if index is None:  # k=None: every galaxy's neighbours are all of the fiber's.
+        idx = rows[None, :]
+      else:
+        with _openmp_threads(self.threads):
+          idx = rows[index.kneighbors(features[rows_out], return_distance=False)]
       with np.errstate(all="ignore"):  # All-NaN ratios fall back to the neighbours' norm below.
         ratio = np.nanmedian(self.ratio[idx], axis=1)
+      fallback = np.median(self.norm[idx], axis=1)
       own = aperture_r[rows_out]
       usable = (own > 0) & np.isfinite(ratio)
-      out[rows_out] = np.where(usable, ratio * np.where(usable, own, 1.0),
-                               np.median(self.norm[idx], axis=1))
+      out[rows_out] = np.where(usable, ratio * np.where(usable, own, 1.0), fallback)
     return np.log10(out)
 
 
@@ -132,14 +137,13 @@ class MeanSpectrum:
   def fit(self, train: dict[str, np.ndarray]) -> "MeanSpectrum":
     flux_norm, _, valid = _normalised(train)
     self.spectrum = _valid_mean(flux_norm, valid, axis=0)
-    # Every galaxy of a fiber is a neighbour: the feature space does not matter.
-    self.amplitudes = FiberAmplitudes(np.zeros((len(flux_norm), 1)), train, k=None)
+    self.amplitudes = FiberAmplitudes(None, train, k=None)
     self.z = float(np.median(train["z"][train["has_z"].astype(bool)]))
     return self
 
   def predict(self, data: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     n = len(data["z"])
-    log_norm = self.amplitudes.log_norm(np.zeros((n, 1)), data["fiber_diameter"],
+    log_norm = self.amplitudes.log_norm(None, data["fiber_diameter"],
                                         data["aperture_flux"][:, R_BAND])
     return _prediction(data, np.tile(self.spectrum, (n, 1)), log_norm,
                        np.full(n, self.z, np.float32))
